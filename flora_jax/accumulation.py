@@ -1,0 +1,202 @@
+"""Gradient accumulation with a compressed accumulator (Flora, Algorithm 1)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flora_jax import _validation
+from flora_jax import projection
+from flora_jax.projection import MaskOrFn, PRNGKeyLike, Side
+
+
+class FloraMultiStepsState(NamedTuple):
+  """State of `FloraMultiSteps`."""
+
+  mini_step: jax.Array  # int32[]: micro-batches accumulated in this cycle.
+  gradient_step: jax.Array  # int32[]: completed cycles = inner steps taken.
+  key: jax.Array  # key[]: base key; cycle c uses projection number c.
+  inner_opt_state: Any  # the wrapped optimizer's state, untouched mid-cycle.
+  # Per leaf: the sum of down(G_i) over the cycle, (..., r, n) for side
+  # 'left', (..., m, r) for side 'right'; the full sum (leaf shape) for leaves
+  # that are not projected. dtype: `accumulator_dtype`.
+  acc_sketch: optax.Updates
+
+
+class FloraMultiSteps:
+  r"""`optax.MultiSteps` whose gradient accumulator is a random sketch.
+
+  Over the ``k`` micro-batches of a cycle the wrapper keeps only
+  ``C = Σ_i down(G_i)`` for each projected matrix (``r * max(m, n)``
+  numbers, instead of the ``m * n`` of `optax.MultiSteps`) and at the end of
+  the cycle hands the inner optimizer the decompressed mean
+
+  .. math:: \bar G = \mathrm{up}(C) / k,
+
+  an unbiased estimate of the mean gradient. Each cycle draws a new
+  projection. Between cycle boundaries the wrapper emits zero updates and
+  leaves the inner state untouched. Leaves that are not projected are
+  accumulated exactly.
+
+  Drop-in for ``optax.MultiSteps(opt, every_k_schedule)``: same ``init``,
+  ``update``, ``has_updated`` and ``gradient_transformation()``.
+
+  Args:
+    opt: the inner optimizer, applied once per cycle.
+    every_k_schedule: the number of micro-batches per cycle, an int or a
+      function of the number of completed cycles returning one.
+    rank: projection rank r of the accumulator.
+    key: an int seed, a typed key or a raw uint32 key.
+    use_grad_mean: pass the mean (True) or the sum (False) of the cycle's
+      gradients to the inner optimizer.
+    accumulator_dtype: dtype of the stored sketch; None means float32.
+    side, min_dim, max_aspect_ratio, mask: which leaves are compressed, see
+      `flora_jax.ProjectionRule`.
+
+  Example:
+    >>> import optax, flora_jax
+    >>> tx = flora_jax.FloraMultiSteps(optax.adamw(1e-3), 8, rank=64)
+
+  References:
+    Hao, Cao & Mou, 2024, Algorithm 1, https://arxiv.org/abs/2402.03293
+  """
+
+  def __init__(
+      self,
+      opt: optax.GradientTransformation,
+      every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
+      *,
+      rank: int,
+      key: PRNGKeyLike = 0,
+      use_grad_mean: bool = True,
+      accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
+      side: Side = 'auto',
+      min_dim: int = 128,
+      max_aspect_ratio: Optional[float] = 4.0,
+      mask: MaskOrFn = None,
+  ):
+    if not isinstance(opt, optax.GradientTransformation):
+      raise TypeError(
+          f'opt must be an optax.GradientTransformation, got {type(opt)}.'
+      )
+    if not callable(every_k_schedule):
+      _validation.check_positive_int('every_k_schedule', every_k_schedule)
+    projection.check_key_argument(key)
+    self._opt = optax.with_extra_args_support(opt)
+    self._every_k = every_k_schedule
+    self._rule = projection.ProjectionRule(
+        rank=rank,
+        side=side,
+        min_dim=min_dim,
+        max_aspect_ratio=max_aspect_ratio,
+        mask=mask,
+    )
+    self._key = key
+    self._use_grad_mean = use_grad_mean
+    self._accumulator_dtype = _validation.check_float_dtype(
+        'accumulator_dtype', accumulator_dtype
+    )
+
+  @property
+  def inner_opt(self) -> optax.GradientTransformationExtraArgs:
+    return self._opt
+
+  def _cycle_length(self, gradient_step: jax.Array) -> jax.Array:
+    if callable(self._every_k):
+      return jnp.asarray(self._every_k(gradient_step), jnp.int32)
+    return jnp.asarray(self._every_k, jnp.int32)
+
+  def init(self, params: optax.Params) -> FloraMultiStepsState:
+    plans = self._rule.plan(params)
+    return FloraMultiStepsState(
+        mini_step=jnp.zeros([], jnp.int32),
+        gradient_step=jnp.zeros([], jnp.int32),
+        key=projection.as_prng_key(self._key),
+        inner_opt_state=self._opt.init(params),
+        acc_sketch=jax.tree.map(
+            lambda plan: jnp.zeros(plan.low_rank_shape, self._accumulator_dtype),
+            plans,
+        ),
+    )
+
+  def update(
+      self,
+      updates: optax.Updates,
+      state: FloraMultiStepsState,
+      params: Optional[optax.Params] = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, FloraMultiStepsState]:
+    _validation.check_same_paths(updates, state.acc_sketch, 'the accumulator')
+    plans = self._rule.plan(updates)
+    cycle = state.gradient_step
+    k = self._cycle_length(cycle)
+
+    def projector(plan):
+      return projection.random_projector(state.key, plan, cycle)
+
+    def accumulate(plan, g, acc):
+      if acc.shape != plan.low_rank_shape:
+        raise ValueError(
+            f'Update at {plan.path} has shape {plan.shape}, which needs an'
+            f' accumulator of shape {plan.low_rank_shape}, but the state holds'
+            f' {acc.shape}.'
+        )
+      g32 = g.astype(jnp.float32)
+      if plan.projected:
+        g32 = projection.project_down(projector(plan), g32, plan.side)
+      return (acc.astype(jnp.float32) + g32).astype(self._accumulator_dtype)
+
+    acc = jax.tree.map(accumulate, plans, updates, state.acc_sketch)
+
+    def decompress(plan, g, a):
+      a = a.astype(jnp.float32)
+      if plan.projected:
+        a = projection.project_up(projector(plan), a, plan.side)
+      if self._use_grad_mean:
+        a = a / k
+      return a.astype(g.dtype)
+
+    def emit(_):
+      total = jax.tree.map(decompress, plans, updates, acc)
+      new_updates, inner_state = self._opt.update(
+          total, state.inner_opt_state, params, **extra_args
+      )
+      return (
+          new_updates,
+          inner_state,
+          jax.tree.map(jnp.zeros_like, acc),
+          jnp.zeros([], jnp.int32),
+          optax.safe_increment(cycle),
+      )
+
+    emitted_shapes = jax.eval_shape(emit, None)
+
+    def hold(_):
+      return (
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), emitted_shapes[0]),
+          state.inner_opt_state,
+          acc,
+          optax.safe_increment(state.mini_step),
+          cycle,
+      )
+
+    new_updates, inner_state, acc, mini_step, cycle = jax.lax.cond(
+        state.mini_step >= k - 1, emit, hold, None
+    )
+    return new_updates, FloraMultiStepsState(
+        mini_step=mini_step,
+        gradient_step=cycle,
+        key=state.key,
+        inner_opt_state=inner_state,
+        acc_sketch=acc,
+    )
+
+  def has_updated(self, state: FloraMultiStepsState) -> jax.Array:
+    """True if the last `update` ended a cycle and applied the inner optimizer."""
+    return jnp.logical_and(state.mini_step == 0, state.gradient_step > 0)
+
+  def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
+    return optax.GradientTransformationExtraArgs(self.init, self.update)

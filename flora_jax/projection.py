@@ -1,0 +1,382 @@
+"""The low-rank projection machinery shared by Flora, GaLore and Fira.
+
+Everything that decides *how* a matrix-shaped leaf is compressed lives here,
+written once:
+
+* which leaves are projected (`ProjectionRule`): arrays with ``ndim >= 2``
+  whose last two axes are large enough and not too elongated, optionally
+  restricted by a user mask; leading axes are independent stacked matrices
+  (e.g. a scan-over-layers kernel of shape ``(L, m, n)``), each slice with
+  its own projector;
+* which side is compressed and with which effective rank (`LeafPlan`);
+* the projector ``Q`` of shape ``(..., dim, r)`` and the two maps
+
+  - side ``'left'`` (compress the rows, axis -2):
+    ``down(X) = Qᵀ X`` of shape ``(..., r, n)`` and ``up(C) = Q C``;
+  - side ``'right'`` (compress the columns, axis -1):
+    ``down(X) = X Q`` of shape ``(..., m, r)`` and ``up(C) = C Qᵀ``.
+
+  Flora draws ``Q`` with i.i.d. ``N(0, 1/r)`` entries, so that
+  ``E[up(down(G))] = G``; GaLore's SVD projector has orthonormal columns and
+  plugs into the same ``down``/``up``;
+* the key schedule: a transform keeps ONE typed PRNG key in its state; the key
+  of a leaf's ``i``-th projector is
+  ``fold_in(fold_in(key, crc32(path)), i)``, so projectors are never stored,
+  the state holds no per-leaf key arrays, and a leaf keeps its projections
+  when the tree is wrapped by `optax.masked` or `optax.partition`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import zlib
+from typing import Any, Callable, Literal, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flora_jax import _validation
+
+Side = Literal['auto', 'left', 'right']
+SIDES = ('auto', 'left', 'right')
+
+# A mask in optax's convention: a pytree (or pytree prefix) of bools, or a
+# callable mapping the parameter tree to one.
+MaskOrFn = Union[Any, Callable[[Any], Any], None]
+PRNGKeyLike = Union[int, jax.Array, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """How one leaf is treated; static, derived from its path and shape.
+
+  Not a pytree node: a tree of plans has the same structure as the tree it
+  describes, so ``jax.tree.map(fn, plans, updates)`` pairs each leaf with its
+  plan.
+
+  Attributes:
+    path: the leaf's key path, as `jax.tree_util.keystr` writes it.
+    shape: the leaf's shape.
+    side: ``'left'`` (rows compressed), ``'right'`` (columns compressed) or
+      None when the leaf is not projected.
+    rank: the effective rank, None when the leaf is not projected.
+  """
+
+  path: str
+  shape: tuple[int, ...]
+  side: Optional[str] = None
+  rank: Optional[int] = None
+
+  @property
+  def projected(self) -> bool:
+    return self.rank is not None
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    """Leading axes: independent stacked matrices."""
+    return self.shape[:-2]
+
+  @property
+  def dim(self) -> int:
+    """The size of the compressed axis."""
+    return self.shape[-2] if self.side == 'left' else self.shape[-1]
+
+  @property
+  def projector_shape(self) -> tuple[int, ...]:
+    return self.batch_shape + (self.dim, self.rank)
+
+  @property
+  def low_rank_shape(self) -> tuple[int, ...]:
+    """Shape of ``down(X)``; the full shape for leaves that are not projected."""
+    if not self.projected:
+      return self.shape
+    m, n = self.shape[-2:]
+    if self.side == 'left':
+      return self.batch_shape + (self.rank, n)
+    return self.batch_shape + (m, self.rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionRule:
+  """Decides which leaves are projected, on which side and at which rank.
+
+  A leaf is projected when all of these hold:
+
+  * it has ``ndim >= 2`` (leading axes are stacked matrices);
+  * ``min(m, n) >= min_dim`` for its last two axes ``(m, n)``;
+  * ``max(m, n) / min(m, n) <= max_aspect_ratio`` (None: no limit), which by
+    default leaves embeddings and output heads unprojected;
+  * ``mask`` (if given) is True for it;
+  * ``rank`` is smaller than the compressed dimension. Otherwise projecting
+    could not shrink anything, so the leaf is kept exact (unprojected).
+
+  Args:
+    rank: the target rank r (> 0).
+    side: ``'auto'`` compresses the smaller of the last two axes, the rows
+      (axis -2) on a tie: for a Flax kernel ``(in, out)`` that is the input
+      dimension, matching the reference code's choice for a PyTorch
+      ``(out, in)`` weight. ``'left'`` always compresses the rows, ``'right'``
+      always the columns.
+    min_dim: smallest ``min(m, n)`` that is projected.
+    max_aspect_ratio: largest ``max(m, n) / min(m, n)`` that is projected;
+      None disables the test.
+    mask: None, a pytree (or pytree prefix) of bools, or a callable mapping
+      the tree to one, as in `optax.masked`. False leaves are never
+      projected; True leaves are projected if they pass the shape rules. See
+      `path_mask` to build one from parameter paths.
+  """
+
+  rank: int
+  side: Side = 'auto'
+  min_dim: int = 128
+  max_aspect_ratio: Optional[float] = 4.0
+  mask: MaskOrFn = None
+
+  def __post_init__(self):
+    _validation.check_positive_int('rank', self.rank)
+    _validation.check_choice('side', self.side, SIDES)
+    static_hint = (
+        ' (a static Python value: under optax.inject_hyperparams list it in'
+        ' static_args)'
+    )
+    if (
+        isinstance(self.min_dim, bool)
+        or not isinstance(self.min_dim, numbers.Integral)
+        or self.min_dim < 0
+    ):
+      raise ValueError(
+          f'min_dim must be a non-negative int{static_hint}, got'
+          f' {self.min_dim!r}.'
+      )
+    if self.max_aspect_ratio is not None and not (
+        isinstance(self.max_aspect_ratio, numbers.Real)
+        and self.max_aspect_ratio >= 1
+    ):
+      raise ValueError(
+          f'max_aspect_ratio must be None or a number >= 1{static_hint}, got'
+          f' {self.max_aspect_ratio!r}.'
+      )
+
+  def leaf_plan(self, path: str, shape: tuple[int, ...]) -> LeafPlan:
+    """The plan of one leaf, ignoring the mask."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+      return LeafPlan(path, shape)
+    m, n = shape[-2:]
+    small, large = min(m, n), max(m, n)
+    if small < max(self.min_dim, 1):
+      return LeafPlan(path, shape)
+    if self.max_aspect_ratio is not None and large > self.max_aspect_ratio * small:
+      return LeafPlan(path, shape)
+    if self.side == 'auto':
+      side = 'left' if m <= n else 'right'
+    else:
+      side = self.side
+    dim = m if side == 'left' else n
+    if self.rank >= dim:
+      return LeafPlan(path, shape)
+    return LeafPlan(path, shape, side, self.rank)
+
+  def plan(self, tree: Any) -> Any:
+    """Returns a tree of `LeafPlan` with the structure of ``tree``.
+
+    Raises:
+      TypeError: a leaf chosen for projection is not a real floating array.
+      ValueError: the mask does not fit the tree.
+    """
+    mask_leaves = _mask_leaves(self.mask, tree)
+    paths_and_leaves, treedef = jax.tree.flatten_with_path(tree)
+    plans = []
+    for (key_path, leaf), keep in zip(paths_and_leaves, mask_leaves):
+      path = jax.tree_util.keystr(key_path)
+      plan = self.leaf_plan(path, np.shape(leaf))
+      if not keep:
+        plan = LeafPlan(path, plan.shape)
+      if plan.projected:
+        _check_real_float(path, leaf)
+      plans.append(plan)
+    return jax.tree.unflatten(treedef, plans)
+
+
+def _check_real_float(path: str, leaf: Any) -> None:
+  dtype = getattr(leaf, 'dtype', None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f'Leaf {path} is selected for low-rank projection but has dtype'
+        f' {dtype}; projection needs a real floating dtype. Exclude it with'
+        ' `mask`.'
+    )
+
+
+def _mask_leaves(mask: MaskOrFn, tree: Any) -> list[bool]:
+  """Broadcasts an optax-style mask over ``tree``; one bool per leaf."""
+  n_leaves = len(jax.tree.leaves(tree))
+  if mask is None:
+    return [True] * n_leaves
+  mask_tree = mask(tree) if callable(mask) else mask
+  try:
+    full = jax.tree.broadcast(mask_tree, tree)
+  except (ValueError, TypeError) as err:
+    raise ValueError(
+        'mask must be a pytree of bools with the structure of the parameters'
+        f' (or a prefix of it): {err}'
+    ) from None
+  leaves = jax.tree.leaves(full)
+  if len(leaves) != n_leaves:
+    raise ValueError(
+        f'mask has {len(leaves)} leaves after broadcasting, the parameters'
+        f' have {n_leaves}.'
+    )
+  return [bool(x) for x in leaves]
+
+
+def path_mask(predicate: Callable[[str, Any], bool]) -> Callable[[Any], Any]:
+  """Builds an optax-style mask from a predicate on parameter paths.
+
+  Args:
+    predicate: called as ``predicate(path, leaf)`` with the leaf's path joined
+      by ``'/'`` (e.g. ``'layers/0/attn/query/kernel'``).
+
+  Returns:
+    A callable mapping a tree to a tree of bools, usable as ``mask`` here
+    and in `optax.masked`.
+
+  Example:
+    >>> mask = path_mask(lambda path, x: 'attn' in path)
+  """
+
+  def mask_fn(tree):
+    return jax.tree.map_with_path(
+        lambda key_path, leaf: bool(predicate(path_string(key_path), leaf)),
+        tree,
+    )
+
+  return mask_fn
+
+
+def path_string(key_path) -> str:
+  """Joins a key path with '/': ``('layers', 0, 'kernel')`` -> 'layers/0/kernel'."""
+  parts = []
+  for entry in key_path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return '/'.join(parts)
+
+
+# ------------------------------------------------------------------ keys
+
+
+def as_prng_key(key: PRNGKeyLike, name: str = 'key') -> jax.Array:
+  """Converts a seed, a typed key or a raw uint32 key to a typed key.
+
+  Accepts a Python or array integer seed (possibly traced, as under
+  `optax.inject_hyperparams`), a scalar typed key from `jax.random.key`, or a
+  raw ``uint32[2]`` key from the legacy `jax.random.PRNGKey`.
+  """
+  if isinstance(key, bool):
+    raise TypeError(f'{name} must be an int seed or a PRNG key, got {key!r}.')
+  if isinstance(key, numbers.Integral):
+    return jax.random.key(int(key))
+  if isinstance(key, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+      if key.shape != ():
+        raise ValueError(
+            f'{name} must be a single (scalar) typed key, got shape'
+            f' {key.shape}.'
+        )
+      return key
+    if key.shape == () and jnp.issubdtype(key.dtype, jnp.integer):
+      return jax.random.key(key)
+    if key.shape == (2,) and key.dtype == jnp.uint32:
+      return jax.random.wrap_key_data(key)
+  raise TypeError(
+      f'{name} must be an int seed, a typed key from jax.random.key or a raw'
+      f' uint32[2] key, got {type(key).__name__}'
+      f' {getattr(key, "dtype", "")}{list(getattr(key, "shape", ()))}.'
+  )
+
+
+def check_key_argument(key: PRNGKeyLike, name: str = 'key') -> None:
+  """Construction-time check of a key argument; tracers pass through."""
+  if isinstance(key, jax.core.Tracer):
+    return
+  as_prng_key(key, name)
+
+
+def path_id(path: str) -> int:
+  """A stable 32-bit id of a leaf path (same in every process)."""
+  return zlib.crc32(path.encode('utf-8'))
+
+
+def projection_key(key: jax.Array, path: str, index: jax.Array) -> jax.Array:
+  """The key of the ``index``-th projector of the leaf at ``path``."""
+  return jax.random.fold_in(jax.random.fold_in(key, path_id(path)), index)
+
+
+# ------------------------------------------------------------ projectors
+
+
+def gaussian_projector(
+    key: jax.Array, plan: LeafPlan, dtype: jax.typing.DTypeLike = jnp.float32
+) -> jax.Array:
+  """Draws ``Q`` of shape ``plan.projector_shape`` with entries N(0, 1/r).
+
+  With this scale ``E[Q Qᵀ] = I``, so ``up(down(G))`` is an unbiased estimate
+  of ``G``. Each stacked slice gets an independent draw.
+  """
+  scale = 1.0 / math.sqrt(plan.rank)
+  return jax.random.normal(key, plan.projector_shape, dtype) * jnp.asarray(
+      scale, dtype
+  )
+
+
+def project_down(q: jax.Array, x: jax.Array, side: str) -> jax.Array:
+  """``Qᵀ X`` (side 'left') or ``X Q`` (side 'right'), batched over leading axes."""
+  x = x.astype(q.dtype)
+  if side == 'left':
+    return jnp.einsum('...mr,...mn->...rn', q, x)
+  return jnp.einsum('...mn,...nr->...mr', x, q)
+
+
+def project_up(q: jax.Array, c: jax.Array, side: str) -> jax.Array:
+  """``Q C`` (side 'left') or ``C Qᵀ`` (side 'right'), batched over leading axes."""
+  c = c.astype(q.dtype)
+  if side == 'left':
+    return jnp.einsum('...mr,...rn->...mn', q, c)
+  return jnp.einsum('...mr,...nr->...mn', c, q)
+
+
+def random_projector(
+    key: jax.Array, plan: LeafPlan, index: jax.Array
+) -> jax.Array:
+  """The Gaussian projector number ``index`` of a leaf, regenerated from ``key``."""
+  return gaussian_projector(projection_key(key, plan.path, index), plan)
+
+
+def unzip_leaves(plans: Any, tree_of_tuples: Any, n: int) -> tuple[Any, ...]:
+  """Splits a tree whose leaves are n-tuples into n trees shaped like ``plans``."""
+  return tuple(
+      jax.tree.map(lambda _, t, i=i: t[i], plans, tree_of_tuples)
+      for i in range(n)
+  )
+
+
+def state_bytes(tree: Any) -> int:
+  """Total bytes of the array leaves of ``tree`` (works on `jax.eval_shape` output)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    dtype = getattr(leaf, 'dtype', None)
+    if dtype is None:
+      continue
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+      leaf = jax.eval_shape(jax.random.key_data, leaf)
+      dtype = leaf.dtype
+    total += int(np.prod(leaf.shape, dtype=int)) * np.dtype(dtype).itemsize
+  return total

@@ -1,0 +1,421 @@
+"""Flora: the compressor, compressed momentum and the optimizer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import flora_jax
+from flora_jax import projection
+
+SMALL = dict(min_dim=8)  # let the small test matrices be projected
+
+
+def _params(dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(0), 4)
+  return {
+      'wide': jax.random.normal(keys[0], (16, 32), dtype),  # side left
+      'tall': jax.random.normal(keys[1], (32, 16), dtype),  # side right
+      'stacked': jax.random.normal(keys[2], (3, 16, 24), dtype),
+      'bias': jax.random.normal(keys[3], (32,), dtype),
+  }
+
+
+def _grads(step, dtype=jnp.float32):
+  key = jax.random.fold_in(jax.random.key(42), step)
+  return jax.tree.map(
+      lambda p: jax.random.normal(jax.random.fold_in(key, p.size), p.shape,
+                                  dtype), _params(dtype))
+
+
+def _plan(tree, path, **rule):
+  plans = projection.ProjectionRule(**rule).plan(tree)
+  return {p.path: p for p in jax.tree.leaves(plans)}[path]
+
+
+def _cosine(a, b):
+  a, b = jnp.ravel(a), jnp.ravel(b)
+  return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+
+
+# --------------------------------------------------------- flora_compress
+
+
+@pytest.mark.parametrize('name', ['wide', 'tall'])
+def test_compress_with_sgd_is_a_lora_step_with_frozen_random_factor(name):
+  """One SGD step on up(down(G)) == one LoRA step training B, A = Q frozen."""
+  w0 = _params()[name]
+  m, n = w0.shape
+  x = jax.random.normal(jax.random.key(1), (8, m))
+  y = jax.random.normal(jax.random.key(2), (8, n))
+  loss = lambda w: jnp.mean((x @ w - y) ** 2)
+  lr, rank = 0.3, 4
+
+  tx = optax.chain(flora_jax.flora_compress(rank, key=5, **SMALL),
+                   optax.sgd(lr))
+  state = tx.init(w0)
+  updates, _ = tx.update(jax.grad(loss)(w0), state)
+  flora_w = w0 + updates
+
+  plan = _plan(w0, '', rank=rank, **SMALL)
+  q = projection.random_projector(state[0].key, plan, 0)
+  if plan.side == 'left':  # W + Q B with B: (r, n) trainable, starting at 0
+    lora_w = lambda b: w0 + q @ b
+    b0 = jnp.zeros((rank, n))
+  else:  # W + B Qᵀ with B: (m, r)
+    lora_w = lambda b: w0 + b @ q.T
+    b0 = jnp.zeros((m, rank))
+  b1 = b0 - lr * jax.grad(lambda b: loss(lora_w(b)))(b0)
+  np.testing.assert_allclose(flora_w, lora_w(b1), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(flora_w, w0 - lr * jax.grad(loss)(w0), atol=1e-3)
+
+
+KAPPA = 3
+_compress = flora_jax.flora_compress(4, kappa=KAPPA, key=0, **SMALL)
+_compress_update = jax.jit(_compress.update)
+
+
+def test_compress_projection_changes_exactly_every_kappa_steps():
+  params = _params()
+  g = _grads(0)
+  state = _compress.init(params)
+  outputs = []
+  for _ in range(2 * KAPPA + 1):
+    out, state = _compress_update(g, state)
+    outputs.append(out)
+  for step in range(1, 2 * KAPPA + 1):
+    same = np.allclose(outputs[step]['wide'], outputs[step - 1]['wide'])
+    assert same == (step % KAPPA != 0), step
+    np.testing.assert_array_equal(outputs[step]['bias'], g['bias'])
+  assert _compress_update._cache_size() == 1  # no recompilation at resamples
+
+
+def test_compress_jit_equals_eager_and_keeps_dtypes():
+  for dtype in (jnp.float32, jnp.bfloat16):
+    params, g = _params(dtype), _grads(0, dtype)
+    state = _compress.init(params)
+    eager, _ = _compress.update(g, state)
+    jitted, _ = jax.jit(_compress.update)(g, state)
+    for leaf in jax.tree.leaves(eager):
+      assert leaf.dtype == dtype
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2
+            if dtype == jnp.bfloat16 else 1e-6, atol=1e-5), eager, jitted)
+
+
+def test_stacked_slices_are_projected_independently():
+  g = {'stacked': jnp.ones((3, 16, 24))}
+  out, _ = _compress.update(g, _compress.init(g))
+  assert not np.allclose(out['stacked'][0], out['stacked'][1])
+
+
+def test_compress_composes_with_masked_and_partition():
+  params, g = _params(), _grads(0)
+  direct = flora_jax.flora_compress(4, key=0, mask={'wide': True, 'tall': False,
+                                                    'stacked': False,
+                                                    'bias': False}, **SMALL)
+  expected, _ = direct.update(g, direct.init(params))
+  np.testing.assert_array_equal(expected['tall'], g['tall'])
+
+  mask = {'wide': True, 'tall': False, 'stacked': False, 'bias': False}
+  masked = optax.masked(flora_jax.flora_compress(4, key=0, **SMALL), mask)
+  out, _ = masked.update(g, masked.init(params))
+  jax.tree.map(np.testing.assert_array_equal, out, expected)
+
+  labels = {'wide': 'flora', 'tall': 'plain', 'stacked': 'plain',
+            'bias': 'plain'}
+  partitioned = optax.partition(
+      {'flora': flora_jax.flora_compress(4, key=0, **SMALL),
+       'plain': optax.identity()}, labels)
+  out, _ = partitioned.update(g, partitioned.init(params))
+  jax.tree.map(np.testing.assert_array_equal, out, expected)
+
+
+def test_compress_inside_multisteps_and_apply_if_finite():
+  params = _params()
+  tx = optax.MultiSteps(optax.chain(_compress, optax.sgd(1.0)), 2)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  out0, state = step(_grads(0), state, params)
+  out1, state = step(_grads(1), state, params)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(out0))
+  mean_bias = (_grads(0)['bias'] + _grads(1)['bias']) / 2
+  np.testing.assert_allclose(out1['bias'], -mean_bias, rtol=1e-6)
+
+  guarded = optax.apply_if_finite(optax.chain(_compress, optax.sgd(1.0)), 3)
+  state = guarded.init(params)
+  bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), _grads(0))
+  out, state = jax.jit(guarded.update)(bad, state, params)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(out))
+  assert int(state.notfinite_count) == 1
+  # the skipped step did not advance the inner counter
+  assert int(state.inner_state[0].count) == 0
+
+
+@pytest.mark.parametrize(
+    'make, error, match',
+    [
+        (lambda: flora_jax.flora_compress(0), ValueError, 'rank'),
+        (lambda: flora_jax.flora_compress(4, kappa=0), ValueError, 'kappa'),
+        (lambda: flora_jax.flora_compress(4, kappa=-2), ValueError, 'kappa'),
+        (lambda: flora_jax.flora_compress(4, kappa=1.5), TypeError, 'kappa'),
+        (lambda: flora_jax.flora_compress(4, key=0.5), TypeError, 'key'),
+        (lambda: flora_jax.flora_compress(4, key='a'), TypeError, 'key'),
+        (lambda: flora_jax.scale_by_flora_momentum(1.0, rank=4), ValueError,
+         'b1'),
+        (lambda: flora_jax.scale_by_flora_momentum(rank=4,
+                                                   momentum_dtype=jnp.int8),
+         TypeError, 'momentum_dtype'),
+        (lambda: flora_jax.flora(1e-3, rank=-1), ValueError, 'rank'),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(make, error, match):
+  with pytest.raises(error, match=match):
+    make()
+
+
+def test_bad_leaves_are_refused_at_init_with_their_path():
+  bad = {'layer': {'kernel': jnp.zeros((16, 16), jnp.int32)}}
+  with pytest.raises(TypeError, match=r"\['layer'\]\['kernel'\]"):
+    flora_jax.flora_compress(4, **SMALL).init(bad)
+  counter = {'w': jnp.zeros((16, 16)), 'n': jnp.zeros((4,), jnp.int32)}
+  with pytest.raises(TypeError, match=r"\['n'\]"):
+    flora_jax.scale_by_flora_momentum(rank=4, **SMALL).init(counter)
+
+
+def test_momentum_refuses_updates_that_do_not_match_its_state():
+  tx = flora_jax.scale_by_flora_momentum(rank=4, **SMALL)
+  state = tx.init(_params())
+  renamed = dict(_grads(0))
+  renamed['other'] = renamed.pop('bias')
+  with pytest.raises(ValueError, match=r"\['bias'\]"):
+    tx.update(renamed, state)
+  reshaped = dict(_grads(0), wide=jnp.zeros((16, 40)))
+  with pytest.raises(ValueError, match=r"\['wide'\].*\(4, 40\)"):
+    tx.update(reshaped, state)
+
+
+# ------------------------------------------------------------- momentum
+
+
+def test_momentum_state_shapes_dtypes_and_bytes():
+  params = dict(_params(), embed=jnp.zeros((100, 16)))
+  mask = {'wide': True, 'tall': True, 'stacked': True, 'bias': True,
+          'embed': True}
+  for dtype, itemsize in ((jnp.float32, 4), (jnp.bfloat16, 2)):
+    tx = flora_jax.scale_by_flora_momentum(
+        rank=4, momentum_dtype=dtype, mask=dict(mask, tall=False), **SMALL)
+    state = jax.eval_shape(tx.init, params)
+    shapes = jax.tree.map(lambda x: x.shape, state.momentum)
+    assert shapes == {'wide': (4, 32), 'tall': (32, 16),  # masked out
+                      'stacked': (3, 4, 24), 'bias': (32,),
+                      'embed': (100, 16)}  # aspect ratio 6.25 > 4
+    assert {x.dtype for x in jax.tree.leaves(state.momentum)} == {
+        jnp.dtype(dtype)}
+    numbers = 4 * 32 + 32 * 16 + 3 * 4 * 24 + 32 + 100 * 16
+    key_and_count = 8 + 4
+    assert flora_jax.state_bytes(state) == numbers * itemsize + key_and_count
+
+
+def _reference_momentum(b1, kappa, key, plan, grads, transfer='paper',
+                        nesterov=False):
+  """A direct transcription of the formulas, one leaf, step by step."""
+  c = jnp.zeros(plan.low_rank_shape)
+  outputs, norms = [], []
+  for t, u in enumerate(grads):
+    q = projection.random_projector(key, plan, t // kappa)
+    if t > 0 and t % kappa == 0:
+      q_old = projection.random_projector(key, plan, t // kappa - 1)
+      q_in = q if transfer == 'paper' else q_old  # published: old key twice
+      c = projection.project_down(
+          q_in, projection.project_up(q_old, c, plan.side), plan.side)
+      if transfer == 'published':
+        q = q_old  # ...then it advances the key
+        q = projection.random_projector(key, plan, t // kappa)
+    c_new = b1 * c + (1 - b1) * projection.project_down(q, u, plan.side)
+    history = c_new if nesterov else c
+    outputs.append(b1 * projection.project_up(q, history, plan.side)
+                   + (1 - b1) * u)
+    norms.append(float(jnp.linalg.norm(c_new)))
+    c = c_new
+  return outputs, norms
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_momentum_matches_the_formulas_across_resamples(nesterov):
+  b1, kappa = 0.8, 2
+  tx = flora_jax.scale_by_flora_momentum(b1, rank=4, kappa=kappa, key=3,
+                                         nesterov=nesterov, **SMALL)
+  params = _params()
+  state = tx.init(params)
+  grads = [_grads(t) for t in range(5)]
+  update = jax.jit(tx.update)
+  outs = []
+  for g in grads:
+    out, state = update(g, state)
+    outs.append(out)
+  for name in ('wide', 'tall', 'stacked'):
+    plan = _plan(params, f"['{name}']", rank=4, **SMALL)
+    expected, _ = _reference_momentum(b1, kappa, state.key, plan,
+                                      [g[name] for g in grads],
+                                      nesterov=nesterov)
+    for t in range(5):
+      np.testing.assert_allclose(outs[t][name], expected[t], rtol=2e-5,
+                                 atol=2e-5, err_msg=f'{name} step {t}')
+  # unprojected leaves: a plain EMA (optax.ema without debiasing)
+  ema = optax.ema(b1, debias=False)
+  ema_state = ema.init(params['bias'])
+  for t, g in enumerate(grads):
+    m, ema_state = ema.update(g['bias'], ema_state)
+    want = b1 * m + (1 - b1) * g['bias'] if nesterov else m
+    np.testing.assert_allclose(outs[t]['bias'], want, rtol=1e-5, atol=1e-7)
+
+
+def test_paper_transfer_keeps_direction_and_published_transfer_collapses():
+  """Constant gradient 256 x 512, r = 16 (dim / r = 16).
+
+  Our transfer down_new(up_old(C)) is unbiased: the transferred momentum grows
+  by about sqrt(dim / r) (one more projection's noise) and still points along
+  G. The published optax code's down_old(up_old(C)) multiplies C by
+  Q_oldᵀ Q_old ≈ (dim / r) I and keeps it in the old subspace, so after the
+  new projection it is noise: the norm jumps ~16x and the cosine drops to ~0.
+  """
+  b1, kappa, rank = 0.9, 20, 16
+  g = jax.random.normal(jax.random.key(0), (256, 512))
+  plan = _plan(g, '', rank=rank, **SMALL)
+  key = projection.as_prng_key(1)
+  steps = [g] * (2 * kappa)
+  ours, our_norms = _reference_momentum(b1, kappa, key, plan, steps,
+                                        nesterov=True)
+  theirs, their_norms = _reference_momentum(b1, kappa, key, plan, steps,
+                                            transfer='published', nesterov=True)
+  # the library (nesterov output, paper transfer) equals the reference
+  tx = flora_jax.scale_by_flora_momentum(b1, rank=rank, kappa=kappa, key=1,
+                                         nesterov=True, **SMALL)
+  state, update = tx.init(g), jax.jit(tx.update)
+  for t in range(2 * kappa):
+    out, state = update(g, state)
+  np.testing.assert_allclose(out, ours[-1], rtol=1e-4,
+                             atol=1e-5 * float(jnp.abs(out).max()))
+
+  before, after = kappa - 1, kappa
+  assert their_norms[after] / their_norms[before] > 12
+  assert our_norms[after] / our_norms[before] < 5
+  assert _cosine(theirs[after], g) < 0.01
+  assert _cosine(ours[after], g) > 10 * _cosine(theirs[after], g)
+  assert _cosine(ours[after], g) > 0.2 * _cosine(ours[before], g)
+  window = slice(kappa, 2 * kappa)
+  our_mean = np.mean([_cosine(o, g) for o in ours[window]])
+  their_mean = np.mean([_cosine(o, g) for o in theirs[window]])
+  assert our_mean > 3 * their_mean, (our_mean, their_mean)
+
+
+# ------------------------------------------------------------- optimizer
+
+
+def test_flora_under_inject_hyperparams_matches_the_plain_optimizer():
+  params = _params()
+  kwargs = dict(rank=4, kappa=2, min_dim=8, min_dim_size_to_factor=8)
+  plain = flora_jax.flora(0.05, **kwargs)
+  injected = optax.inject_hyperparams(
+      flora_jax.flora,
+      static_args=('rank', 'kappa', 'min_dim', 'max_aspect_ratio',
+                   'min_dim_size_to_factor'),
+  )(learning_rate=0.05, **kwargs)
+  s_plain, s_inj = plain.init(params), injected.init(params)
+  plain_update, injected_update = jax.jit(plain.update), jax.jit(injected.update)
+  for t in range(4):
+    u_plain, s_plain = plain_update(_grads(t), s_plain, params)
+    u_inj, s_inj = injected_update(_grads(t), s_inj, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                         atol=1e-7),
+                 u_plain, u_inj)
+  s_inj.hyperparams['learning_rate'] = jnp.asarray(0.0)
+  u_zero, _ = injected_update(_grads(5), s_inj, params)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u_zero))
+
+
+def _train(tx, loss, params, steps):
+  """Final loss after ``steps`` full-batch steps, one compiled scan."""
+
+  def step(carry, _):
+    params, state = carry
+    grads = jax.grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  run = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), length=steps))
+  (params, _), _ = run(params)
+  return float(loss(params))
+
+
+def _adafactor(lr, momentum):
+  return optax.adafactor(lr, momentum=momentum, min_dim_size_to_factor=16,
+                         multiply_by_parameter_scale=False)
+
+
+@pytest.mark.slow
+def test_flora_converges_on_least_squares():
+  """Full-batch least squares, W: 64 x 96, noise floor 1e-4.
+
+  Measured (this test's settings): Adafactor + momentum 7.6e-5, Flora r=32
+  4.5e-4, r=16 6.4e-3 from an initial 1.05. The random projection's noise
+  (a draw has norm sqrt(dim / r) |G|) costs precision that a decaying
+  learning rate buys back as the rank grows.
+  """
+  k = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(k[0], (256, 64))
+  w_true = jax.random.normal(k[1], (64, 96)) / 8
+  y = x @ w_true + 0.01 * jax.random.normal(k[2], (256, 96))
+  loss = lambda p: jnp.mean((x @ p['w'] - y) ** 2)
+  params = {'w': jnp.zeros((64, 96))}
+  initial = float(loss(params))
+  lr = optax.cosine_decay_schedule(1e-2, 300)
+  flora = {r: _train(flora_jax.flora(lr, rank=r, kappa=50, min_dim=16,
+                                     min_dim_size_to_factor=16),
+                     loss, params, 300)
+           for r in (16, 32)}
+  reference = _train(_adafactor(lr, 0.9), loss, params, 300)
+  assert reference < 1e-4  # the noise floor: the problem is well posed
+  assert flora[32] < 1e-3 * initial, flora
+  assert flora[32] < 0.5 * flora[16], flora  # more rank, less noise
+  assert flora[32] < 10 * reference, (flora, reference)
+
+
+@pytest.mark.slow
+def test_compressed_momentum_helps_a_small_mlp():
+  """A 32-128-128-8 GELU MLP regressing a random teacher, 400 steps.
+
+  Measured: Adafactor without momentum 1.01, Flora (kappa 100) r=16 1.06,
+  r=32 0.13, r=64 0.041, Adafactor with full momentum 0.005 (initial 26.6).
+  Compressed momentum recovers much of momentum's benefit, more with more
+  rank; at r << dim it does not match a full momentum on this deterministic
+  task.
+  """
+  k = jax.random.split(jax.random.key(1), 5)
+  x = jax.random.normal(k[0], (512, 32))
+  teacher = jax.random.normal(k[1], (32, 64)) / 5
+  y = jnp.sin(x @ teacher) @ jax.random.normal(k[2], (64, 8))
+
+  def loss(p):
+    h = jax.nn.gelu(x @ p['w1'] + p['b1'])
+    h = jax.nn.gelu(h @ p['w2'] + p['b2'])
+    return jnp.mean((h @ p['w3'] - y) ** 2)
+
+  params = {'w1': jax.random.normal(k[3], (32, 128)) / 6, 'b1': jnp.zeros(128),
+            'w2': jax.random.normal(k[4], (128, 128)) / 11,
+            'b2': jnp.zeros(128), 'w3': jnp.zeros((128, 8))}
+  plan = projection.ProjectionRule(rank=16, min_dim=32).plan(params)
+  assert plan['w2'].projected and plan['w1'].projected
+  lr = 3e-3
+  flora = {r: _train(flora_jax.flora(lr, rank=r, kappa=100, min_dim=32,
+                                     min_dim_size_to_factor=16),
+                     loss, params, 400)
+           for r in (32, 64)}
+  no_momentum = _train(_adafactor(lr, None), loss, params, 400)
+  full_momentum = _train(_adafactor(lr, 0.9), loss, params, 400)
+  assert full_momentum < flora[64] < flora[32] < 0.3 * no_momentum, (
+      flora, no_momentum, full_momentum)
+  assert flora[64] < 0.1 * no_momentum
