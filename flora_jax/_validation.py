@@ -108,3 +108,23 @@ def check_same_paths(updates: Any, reference: Any, what: str) -> None:
         + ('' if missing or extra else ' (same leaves in another order)')
         + '.'
     )
+
+
+def check_updates_match_params(updates: Any, params: Any) -> None:
+  """Raises a ValueError naming the first leaf whose update and parameter differ.
+
+  A compressed state cannot tell a change of its compressed dimension
+  (``(r, n)`` fits both ``(m, n)`` and ``(m', n)``), so when ``params`` are
+  passed they are the reference. Runs at trace time.
+  """
+  if params is None:
+    return
+  check_same_paths(updates, params, 'the parameters')
+  for (path, update), param in zip(
+      jax.tree.leaves_with_path(updates), jax.tree.leaves(params)
+  ):
+    if np.shape(update) != np.shape(param):
+      raise ValueError(
+          f'Update at {jax.tree_util.keystr(path)} has shape'
+          f' {np.shape(update)} but the parameter has shape {np.shape(param)}.'
+      )

@@ -129,13 +129,18 @@ class FloraMultiSteps:
       params: Optional[optax.Params] = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, FloraMultiStepsState]:
+    _validation.check_updates_match_params(updates, params)
     _validation.check_same_paths(updates, state.acc_sketch, 'the accumulator')
     plans = self._rule.plan(updates)
     cycle = state.gradient_step
     k = self._cycle_length(cycle)
-
-    def projector(plan):
-      return projection.random_projector(state.key, plan, cycle)
+    # Drawn once per step: the same projectors compress now and, at the end
+    # of the cycle, decompress.
+    projectors = {
+        plan.path: projection.random_projector(state.key, plan, cycle)
+        for plan in jax.tree.leaves(plans)
+        if plan.projected
+    }
 
     def accumulate(plan, g, acc):
       if acc.shape != plan.low_rank_shape:
@@ -146,7 +151,7 @@ class FloraMultiSteps:
         )
       g32 = g.astype(jnp.float32)
       if plan.projected:
-        g32 = projection.project_down(projector(plan), g32, plan.side)
+        g32 = projection.project_down(projectors[plan.path], g32, plan.side)
       return (acc.astype(jnp.float32) + g32).astype(self._accumulator_dtype)
 
     acc = jax.tree.map(accumulate, plans, updates, state.acc_sketch)
@@ -154,7 +159,7 @@ class FloraMultiSteps:
     def decompress(plan, g, a):
       a = a.astype(jnp.float32)
       if plan.projected:
-        a = projection.project_up(projector(plan), a, plan.side)
+        a = projection.project_up(projectors[plan.path], a, plan.side)
       if self._use_grad_mean:
         a = a / k
       return a.astype(g.dtype)

@@ -128,7 +128,7 @@ def flora_compress(
     )
 
   def update_fn(updates, state, params=None):
-    del params
+    _validation.check_updates_match_params(updates, params)
     plans = rule.plan(updates)
     index = state.count // kappa
 
@@ -232,7 +232,7 @@ def scale_by_flora_momentum(
     )
 
   def update_fn(updates, state, params=None):
-    del params
+    _validation.check_updates_match_params(updates, params)
     _validation.check_same_paths(updates, state.momentum, 'the momentum')
     plans = rule.plan(updates)
     index = state.count // kappa

@@ -195,6 +195,11 @@ def test_momentum_refuses_updates_that_do_not_match_its_state():
   reshaped = dict(_grads(0), wide=jnp.zeros((16, 40)))
   with pytest.raises(ValueError, match=r"\['wide'\].*\(4, 40\)"):
     tx.update(reshaped, state)
+  # (20, 32) compresses to the same (4, 32) as (16, 32): only the parameters
+  # can tell, so they are checked when given.
+  compressed_dim_changed = dict(_grads(0), wide=jnp.zeros((20, 32)))
+  with pytest.raises(ValueError, match=r"\['wide'\].*\(20, 32\)"):
+    tx.update(compressed_dim_changed, state, _params())
 
 
 # ------------------------------------------------------------- momentum
