@@ -219,6 +219,7 @@ def scale_by_flora_momentum(
   projection.check_key_argument(key)
 
   def init_fn(params):
+    params = projection.unwrap_variables(params)
     plans = rule.plan(params)
 
     def zeros(plan, leaf):

@@ -34,6 +34,7 @@ import numbers
 import zlib
 from typing import Any, Callable, Literal, Optional, Union
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,6 +188,7 @@ class ProjectionRule:
       TypeError: a leaf chosen for projection is not a real floating array.
       ValueError: the mask does not fit the tree.
     """
+    tree = unwrap_variables(tree)
     mask_leaves = _mask_leaves(self.mask, tree)
     paths_and_leaves, treedef = jax.tree.flatten_with_path(tree)
     plans = []
@@ -199,6 +201,20 @@ class ProjectionRule:
         _check_real_float(path, leaf)
       plans.append(plan)
     return jax.tree.unflatten(treedef, plans)
+
+
+def unwrap_variables(tree: Any) -> Any:
+  """Replaces Flax NNX Variables by their arrays.
+
+  `nnx.Optimizer` passes Variables to ``init`` but arrays to ``update``;
+  unwrapping keeps leaf paths (and so masks and per-leaf keys) identical in
+  both, and keeps Variable metadata (e.g. sharding names) off states whose
+  shapes differ from the parameter's.
+  """
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(
+      lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable
+  )
 
 
 def _check_real_float(path: str, leaf: Any) -> None:

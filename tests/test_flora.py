@@ -424,3 +424,21 @@ def test_compressed_momentum_helps_a_small_mlp():
   assert full_momentum < flora[64] < flora[32] < 0.3 * no_momentum, (
       flora, no_momentum, full_momentum)
   assert flora[64] < 0.1 * no_momentum
+
+
+def test_nnx_optimizer_with_a_path_mask():
+  """nnx.Optimizer hands Variables to init and arrays to update: both must see
+  the same leaf paths, or a path mask selects different leaves."""
+  from flax import nnx
+
+  model = nnx.Linear(16, 16, rngs=nnx.Rngs(0))
+  mask = flora_jax.path_mask(lambda path, _: path.endswith('kernel'))
+  tx = flora_jax.flora(1e-2, rank=4, min_dim=8, mask=mask)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  momentum = optimizer.opt_state[1].momentum
+  assert momentum['kernel'].shape == (4, 16)
+  assert momentum['bias'].shape == (16,)
+  before = model.kernel.get_value()
+  grads = nnx.grad(lambda m: (m(jnp.ones((2, 16))) ** 2).mean())(model)
+  optimizer.update(model, grads)
+  assert not np.allclose(model.kernel.get_value(), before)
