@@ -199,9 +199,6 @@ def eval_step(model, batch):
 
 def in_blocks(path: str, leaf) -> bool:
   del leaf
-  # A prefix test: nnx.Optimizer hands `init` Variables, whose paths end in
-  # '/value', while `update` sees plain arrays, so an exact or suffix match
-  # would pick different leaves in the two.
   return path.startswith('blocks/')
 
 
