@@ -7,13 +7,25 @@ from flora_jax.flora import flora_compress
 from flora_jax.flora import FloraCompressState
 from flora_jax.flora import FloraMomentumState
 from flora_jax.flora import scale_by_flora_momentum
+from flora_jax.galore import fira
+from flora_jax.galore import galore
+from flora_jax.galore import GaLoreState
+from flora_jax.galore import limit_norm_growth
+from flora_jax.galore import LimitNormGrowthState
+from flora_jax.galore import scale_by_adam_hf
+from flora_jax.galore import scale_by_fira
+from flora_jax.galore import scale_by_galore
+from flora_jax.projection import canonicalize_signs
+from flora_jax.projection import change_basis
 from flora_jax.projection import gaussian_projector
 from flora_jax.projection import LeafPlan
 from flora_jax.projection import path_mask
 from flora_jax.projection import project_down
 from flora_jax.projection import project_up
 from flora_jax.projection import ProjectionRule
+from flora_jax.projection import randomized_projector
 from flora_jax.projection import state_bytes
+from flora_jax.projection import svd_projector
 
 __version__ = '0.1.0'
 
@@ -22,14 +34,26 @@ __all__ = (
     'FloraMomentumState',
     'FloraMultiSteps',
     'FloraMultiStepsState',
+    'GaLoreState',
     'LeafPlan',
+    'LimitNormGrowthState',
     'ProjectionRule',
+    'canonicalize_signs',
+    'change_basis',
+    'fira',
     'flora',
     'flora_compress',
+    'galore',
     'gaussian_projector',
+    'limit_norm_growth',
     'path_mask',
     'project_down',
     'project_up',
+    'randomized_projector',
+    'scale_by_adam_hf',
+    'scale_by_fira',
     'scale_by_flora_momentum',
+    'scale_by_galore',
     'state_bytes',
+    'svd_projector',
 )

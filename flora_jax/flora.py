@@ -240,7 +240,7 @@ def scale_by_flora_momentum(
     resampled = (state.count > 0) & (state.count % kappa == 0)
 
     def update_leaf(plan, u, c):
-      _check_state_shape(plan, c, 'momentum')
+      projection.check_state_shape(plan, c, 'momentum')
       u32 = u.astype(jnp.float32)
       c = c.astype(jnp.float32)
       if not plan.projected:
@@ -279,16 +279,6 @@ def _check_real_float_leaf(path: str, leaf: Any) -> None:
         f'Parameter {path} has dtype {dtype}; a momentum needs a real'
         ' floating parameter. Exclude it with optax.masked or'
         ' optax.partition.'
-    )
-
-
-def _check_state_shape(plan: projection.LeafPlan, state_leaf, what: str):
-  if state_leaf.shape != plan.low_rank_shape:
-    raise ValueError(
-        f'Update at {plan.path} has shape {plan.shape}, which needs a {what}'
-        f' of shape {plan.low_rank_shape}, but the state holds'
-        f' {state_leaf.shape}: the updates do not match the parameters the'
-        ' optimizer was initialised with.'
     )
 
 

@@ -17,8 +17,10 @@ written once:
     ``down(X) = X Q`` of shape ``(..., m, r)`` and ``up(C) = C Qᵀ``.
 
   Flora draws ``Q`` with i.i.d. ``N(0, 1/r)`` entries, so that
-  ``E[up(down(G))] = G``; GaLore's SVD projector has orthonormal columns and
-  plugs into the same ``down``/``up``;
+  ``E[up(down(G))] = G``; GaLore and Fira take the top-``r`` singular vectors
+  of the gradient, exactly (`svd_projector`) or by a randomized range finder
+  (`randomized_projector`); both have orthonormal columns and plug into the
+  same ``down``/``up``;
 * the key schedule: a transform keeps ONE typed PRNG key in its state; the key
   of a leaf's ``i``-th projector is
   ``fold_in(fold_in(key, crc32(path)), i)``, so projectors are never stored,
@@ -369,11 +371,120 @@ def project_up(q: jax.Array, c: jax.Array, side: str) -> jax.Array:
   return jnp.einsum('...mr,...nr->...mn', c, q)
 
 
+def change_basis(
+    q_old: jax.Array, q_new: jax.Array, c: jax.Array, side: str
+) -> jax.Array:
+  """``down_new(up_old(C))`` through an ``r x r`` matrix, never a full one.
+
+  Moves a low-rank quantity (a momentum, say) from the subspace of ``q_old``
+  into that of ``q_new``.
+  """
+  overlap = jnp.einsum('...dr,...ds->...rs', q_new, q_old.astype(q_new.dtype))
+  c = c.astype(q_new.dtype)
+  if side == 'left':
+    return jnp.einsum('...rs,...sn->...rn', overlap, c)
+  return jnp.einsum('...ms,...rs->...mr', c, overlap)
+
+
 def random_projector(
     key: jax.Array, plan: LeafPlan, index: jax.Array
 ) -> jax.Array:
   """The Gaussian projector number ``index`` of a leaf, regenerated from ``key``."""
   return gaussian_projector(projection_key(key, plan.path, index), plan)
+
+
+# ------------------------------------- projectors fitted to a gradient
+#
+# Both return Q of shape plan.projector_shape in float32 with orthonormal
+# columns spanning (an estimate of) the top-r singular subspace of the
+# compressed axis. Stacked slices are factorised together by batched linear
+# algebra, never by vmap, so a `lax.cond` around them stays a real branch.
+
+
+def svd_projector(
+    g: jax.Array, plan: LeafPlan, *, canonical_signs: bool = True
+) -> jax.Array:
+  """The top-``r`` singular vectors of ``g`` on the compressed side (GaLore).
+
+  Side 'left' takes the left singular vectors ``U[:, :r]``, side 'right' the
+  right ones ``Vh[:r]ᵀ``, from one float32 SVD of ``g`` itself, as the
+  reference code does. If ``r`` exceeds ``min(m, n)`` the missing columns are
+  zero.
+  """
+  u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+  if plan.side == 'left':
+    q = u[..., :, : plan.rank]
+  else:
+    q = jnp.swapaxes(vh[..., : plan.rank, :], -1, -2)
+  q = _pad_columns(q, plan.rank)
+  return canonicalize_signs(q) if canonical_signs else q
+
+
+def randomized_projector(
+    key: jax.Array,
+    g: jax.Array,
+    plan: LeafPlan,
+    *,
+    power_iterations: int = 2,
+    oversampling: int = 8,
+    canonical_signs: bool = True,
+) -> jax.Array:
+  """A randomized range finder for the top-``r`` singular subspace.
+
+  Halko, Martinsson & Tropp (2011), Algorithms 4.4 and 5.1: sketch
+  ``Y = A Ω`` with a Gaussian ``Ω`` of ``r + oversampling`` columns, refine
+  it with ``power_iterations`` QR-stabilised passes of ``A Aᵀ``, then take the
+  top ``r`` left singular vectors of the small matrix ``Qᵀ A``. Here ``A`` is
+  ``g`` (side 'left') or ``gᵀ`` (side 'right'). The cost is
+  ``O(m n (r + p) (2 q + 2))`` flops against ``O(m n min(m, n))`` for a full
+  SVD.
+  """
+  a = g.astype(jnp.float32)
+  if plan.side == 'right':
+    a = jnp.swapaxes(a, -1, -2)
+  rows, cols = a.shape[-2:]
+  width = min(plan.rank + oversampling, rows)
+  omega = jax.random.normal(key, plan.batch_shape + (cols, width), jnp.float32)
+  transpose = lambda x: jnp.swapaxes(x, -1, -2)
+  sketch = a @ omega
+  for _ in range(power_iterations):
+    basis, _ = jnp.linalg.qr(sketch)
+    co_basis, _ = jnp.linalg.qr(transpose(a) @ basis)
+    sketch = a @ co_basis
+  basis, _ = jnp.linalg.qr(sketch)
+  u_small, _, _ = jnp.linalg.svd(transpose(basis) @ a, full_matrices=False)
+  q = _pad_columns(basis @ u_small[..., :, : plan.rank], plan.rank)
+  return canonicalize_signs(q) if canonical_signs else q
+
+
+def canonicalize_signs(q: jax.Array) -> jax.Array:
+  """Flips each column of ``q`` so that its largest-magnitude entry is positive.
+
+  Singular vectors are defined up to sign and LAPACK, cuSOLVER and TPU
+  kernels choose differently. Moments carried across a refresh make the sign
+  matter, so a fixed rule keeps trajectories identical across backends.
+  """
+  pivot_index = jnp.argmax(jnp.abs(q), axis=-2, keepdims=True)
+  pivot = jnp.take_along_axis(q, pivot_index, axis=-2)
+  return q * jnp.where(pivot < 0, -1.0, 1.0).astype(q.dtype)
+
+
+def _pad_columns(q: jax.Array, rank: int) -> jax.Array:
+  missing = rank - q.shape[-1]
+  if missing == 0:
+    return q
+  return jnp.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, missing)])
+
+
+def check_state_shape(plan: LeafPlan, state_leaf: Any, what: str) -> None:
+  """Raises a ValueError when a per-leaf state does not fit the update."""
+  if np.shape(state_leaf) != plan.low_rank_shape:
+    raise ValueError(
+        f'Update at {plan.path} has shape {plan.shape}, which needs a {what}'
+        f' of shape {plan.low_rank_shape}, but the state holds'
+        f' {np.shape(state_leaf)}: the updates do not match the parameters the'
+        ' optimizer was initialised with.'
+    )
 
 
 def unzip_leaves(plans: Any, tree_of_tuples: Any, n: int) -> tuple[Any, ...]:
