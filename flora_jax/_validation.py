@@ -19,6 +19,21 @@ def is_concrete(value: Any) -> bool:
   return not isinstance(value, jax.core.Tracer)
 
 
+def may_be_nonzero(value: Any) -> bool:
+  """False for None or a Python zero; True otherwise, arrays included.
+
+  Decides whether an optional transform (weight decay, say) is built. Under
+  `optax.inject_hyperparams` the value is a concrete array in ``init`` and a
+  tracer in ``update``, so only Python values may drop the transform: the
+  chain must have the same structure in both.
+  """
+  if value is None:
+    return False
+  if isinstance(value, numbers.Real):
+    return value != 0
+  return True
+
+
 def check_positive_int(name: str, value: Any) -> int:
   """Returns `value` as an int, or raises naming `name`."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):

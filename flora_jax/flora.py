@@ -382,9 +382,7 @@ def flora(
     transforms.append(optax.clip_by_block_rms(clipping_threshold))
   if multiply_by_parameter_scale:
     transforms.append(optax.scale_by_param_block_rms())
-  if weight_decay is not None and not (
-      _validation.is_concrete(weight_decay) and weight_decay == 0
-  ):
+  if _validation.may_be_nonzero(weight_decay):
     transforms.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
   transforms.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*transforms)

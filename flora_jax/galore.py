@@ -107,12 +107,15 @@ def scale_by_galore(
   projector; a slice that never had one is refitted at the next step. Leaves
   that are not projected go through ``inner`` at full size, unscaled.
 
-  ``inner`` is called with ``params=None``: it sees low-rank projections,
-  which have no parameters. Put anything that needs parameters (weight
-  decay, trust ratios) after this transform; `galore` does.
+  ``inner`` sees low-rank projections, which have no parameter values: its
+  ``params`` are the low-rank shapes as `jax.ShapeDtypeStruct`, enough for
+  optimizers that read only shapes (`optax.scale_by_factored_rms`). One that
+  needs values is refused at ``init``; put weight decay, trust ratios and
+  the like after this transform, as `galore` does.
 
   Args:
-    inner: any `optax.GradientTransformation` that needs no ``params``, e.g.
+    inner: any `optax.GradientTransformation` that needs no parameter values,
+      e.g.
       `optax.scale_by_adam`, `scale_by_adam_hf`, `optax.scale_by_lion`,
       `optax.scale_by_factored_rms`, `optax.trace`.
     rank: the subspace rank r.
@@ -326,7 +329,7 @@ def _scale_by_subspace(
 
     low_rank = jax.tree.map(low_rank_like, plans, params)
     inner_state = inner.init(low_rank)
-    _check_inner_runs_without_params(inner, low_rank, inner_state)
+    _check_inner_runs_on_shapes(inner, low_rank, inner_state)
     return GaLoreState(
         count=jnp.zeros([], jnp.int32),
         key=projection.as_prng_key(key),
@@ -427,7 +430,9 @@ def _scale_by_subspace(
       return projection.project_down(q, g, plan.side)
 
     low_rank = jax.tree.map(project, plans, updates, current)
-    inner_updates, inner_state = inner.update(low_rank, inner_state, None)
+    inner_updates, inner_state = inner.update(
+        low_rank, inner_state, _shapes_only(low_rank)
+    )
 
     def output(plan, g, q, r, n, previous_norm):
       if not plan.projected:
@@ -472,16 +477,24 @@ def _scale_by_subspace(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _check_inner_runs_without_params(inner, low_rank, inner_state) -> None:
-  """Fails at init, with advice, if ``inner.update`` needs ``params``."""
+def _shapes_only(tree):
+  """What ``inner`` gets as ``params``: shapes and dtypes, no values."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _check_inner_runs_on_shapes(inner, low_rank, inner_state) -> None:
+  """Fails at init, with advice, if ``inner.update`` needs parameter values."""
   try:
-    jax.eval_shape(lambda u, s: inner.update(u, s, None), low_rank, inner_state)
+    jax.eval_shape(
+        lambda u, s: inner.update(u, s, _shapes_only(u)), low_rank, inner_state
+    )
   except Exception as err:  # Any failure here is the inner optimizer's own.
     raise ValueError(
-        'The inner optimizer cannot update the low-rank gradients without'
-        ' params: it runs on projections, which have no parameters. Apply'
-        ' whatever needs params (weight decay, trust ratios, parameter'
-        ' scaling) after the projection, e.g. optax.chain(scale_by_galore('
+        'The inner optimizer failed on the low-rank gradients. It runs on'
+        ' projections, which have no parameter values: as `params` it gets'
+        ' only their shapes (jax.ShapeDtypeStruct). Apply whatever needs'
+        ' parameter values (weight decay, trust ratios, parameter scaling)'
+        ' after the projection, e.g. optax.chain(scale_by_galore('
         'optax.scale_by_adam(), ...), optax.add_decayed_weights(1e-2),'
         ' optax.scale_by_learning_rate(lr)), or use galore(weight_decay=...).'
         f' The inner optimizer raised {type(err).__name__}: {err}'
@@ -714,9 +727,7 @@ def _adam_in_subspace(
 ) -> optax.GradientTransformation:
   """The `galore`/`fira` chain around ``make_wrapper(inner Adam)``."""
   _validation.check_choice('adam', adam, ADAM_FLAVOURS)
-  decays = weight_decay is not None and not (
-      _validation.is_concrete(weight_decay) and weight_decay == 0
-  )
+  decays = _validation.may_be_nonzero(weight_decay)
   if adam == 'hf':
     eps = 1e-6 if eps is None else eps
     transforms = [
@@ -748,7 +759,7 @@ def galore(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: Optional[float] = None,
-    weight_decay: float = 0.0,
+    weight_decay: Optional[float] = None,
     *,
     weight_decay_mask: MaskOrFn = None,
     adam: str = 'hf',
@@ -778,7 +789,8 @@ def galore(
     update_proj_gap: T, steps between projector refreshes (default 200).
     scale: α, the factor on projected updates (default 0.25).
     b1, b2, eps: Adam's; ``eps=None`` picks the flavour's default.
-    weight_decay: decoupled weight decay (needs ``params`` in ``update``).
+    weight_decay: decoupled weight decay (needs ``params`` in ``update``);
+      None or 0 for none.
     weight_decay_mask: optax-style mask of the leaves to decay.
     adam: ``'hf'`` or ``'optax'``, see above.
     projector, key, transfer_moments, canonical_signs, side, min_dim,
@@ -824,7 +836,7 @@ def fira(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: Optional[float] = None,
-    weight_decay: float = 0.0,
+    weight_decay: Optional[float] = None,
     *,
     formulation: str = 'code',
     growth_limit: Optional[float] = 1.01,
