@@ -52,16 +52,6 @@ class FloraMomentumState(NamedTuple):
   momentum: optax.Updates
 
 
-def _projection_rule(rank, side, min_dim, max_aspect_ratio, mask):
-  return projection.ProjectionRule(
-      rank=rank,
-      side=side,
-      min_dim=min_dim,
-      max_aspect_ratio=max_aspect_ratio,
-      mask=mask,
-  )
-
-
 def flora_compress(
     rank: int,
     *,
@@ -117,7 +107,7 @@ def flora_compress(
   References:
     Hao, Cao & Mou, 2024, https://arxiv.org/abs/2402.03293
   """
-  rule = _projection_rule(rank, side, min_dim, max_aspect_ratio, mask)
+  rule = projection.ProjectionRule(rank, side, min_dim, max_aspect_ratio, mask)
   kappa = _validation.check_positive_or_traced('kappa', kappa)
   projection.check_key_argument(key)
 
@@ -212,7 +202,7 @@ def scale_by_flora_momentum(
   References:
     Hao, Cao & Mou, 2024, Algorithm 2, https://arxiv.org/abs/2402.03293
   """
-  rule = _projection_rule(rank, side, min_dim, max_aspect_ratio, mask)
+  rule = projection.ProjectionRule(rank, side, min_dim, max_aspect_ratio, mask)
   kappa = _validation.check_positive_or_traced('kappa', kappa)
   _validation.check_in_range('b1', b1, 0.0, 1.0)
   momentum_dtype = _validation.check_float_dtype('momentum_dtype', momentum_dtype)

@@ -154,7 +154,7 @@ def scale_by_galore(
   """
   return _scale_by_subspace(
       inner,
-      _projection_rule(rank, side, min_dim, max_aspect_ratio, mask),
+      projection.ProjectionRule(rank, side, min_dim, max_aspect_ratio, mask),
       update_proj_gap=update_proj_gap,
       scale=scale,
       projector=projector,
@@ -241,7 +241,7 @@ def scale_by_fira(
     )
   return _scale_by_subspace(
       inner,
-      _projection_rule(rank, side, min_dim, max_aspect_ratio, mask),
+      projection.ProjectionRule(rank, side, min_dim, max_aspect_ratio, mask),
       update_proj_gap=update_proj_gap,
       scale=scale,
       projector=projector,
@@ -251,16 +251,6 @@ def scale_by_fira(
       power_iterations=power_iterations,
       oversampling=oversampling,
       residual=(formulation, growth_limit),
-  )
-
-
-def _projection_rule(rank, side, min_dim, max_aspect_ratio, mask):
-  return projection.ProjectionRule(
-      rank=rank,
-      side=side,
-      min_dim=min_dim,
-      max_aspect_ratio=max_aspect_ratio,
-      mask=mask,
   )
 
 
