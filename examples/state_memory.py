@@ -58,17 +58,22 @@ def optimizers(rank: int):
       f'flora_jax.galore r={rank}': flora_jax.galore(1e-3, rank=rank),
       f'flora_jax.galore r={rank} random projector': flora_jax.galore(
           1e-3, rank=rank, projector='random'),
+      f"flora_jax.galore r={rank} side='larger', max_aspect_ratio=None":
+          flora_jax.galore(1e-3, rank=rank, side='larger',
+                           max_aspect_ratio=None),
       f'flora_jax.fira r={rank}': flora_jax.fira(1e-3, rank=rank),
       f'optax.contrib.galore r={rank}': optax.contrib.galore(1e-3, rank=rank),
   }
 
 # Printed under the table: the GaLore rows differ in WHAT they project.
 GALORE_FOOTNOTE = """
-GaLore rows: flora_jax.galore / fira compress the smaller dimension of each
-matrix (as the reference code does) and leave embed and lm_head (aspect ratio
-> max_aspect_ratio=4) unprojected, with full-size Adam moments.
-optax.contrib.galore projects every 2-D leaf, embed and lm_head included, and
-compresses the larger dimension, so its moments live on the smaller one."""
+GaLore rows: by default flora_jax.galore / fira compress the smaller axis of
+each matrix, as the reference GaLore does (its moments live on the larger
+axis), and leave embed and lm_head (aspect ratio > max_aspect_ratio=4)
+unprojected, with full-size Adam moments. optax.contrib.galore compresses the
+larger axis of every 2-D leaf, embeddings included: side='larger' with
+max_aspect_ratio=None makes the same choices and the same state, plus an
+8-byte key."""
 
 
 def main():

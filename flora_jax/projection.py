@@ -43,8 +43,8 @@ import numpy as np
 
 from flora_jax import _validation
 
-Side = Literal['auto', 'left', 'right']
-SIDES = ('auto', 'left', 'right')
+Side = Literal['auto', 'larger', 'left', 'right']
+SIDES = ('auto', 'larger', 'left', 'right')
 
 # A mask in optax's convention: a pytree (or pytree prefix) of bools, or a
 # callable mapping the parameter tree to one.
@@ -121,8 +121,10 @@ class ProjectionRule:
     side: ``'auto'`` compresses the smaller of the last two axes, the rows
       (axis -2) on a tie: for a Flax kernel ``(in, out)`` that is the input
       dimension, matching the reference code's choice for a PyTorch
-      ``(out, in)`` weight. ``'left'`` always compresses the rows, ``'right'``
-      always the columns.
+      ``(out, in)`` weight. ``'larger'`` compresses the larger axis, the rows
+      on a tie (`optax.contrib.galore`'s choice: smaller state, the moments
+      live on the smaller axis). ``'left'`` always compresses the rows,
+      ``'right'`` always the columns.
     min_dim: smallest ``min(m, n)`` that is projected.
     max_aspect_ratio: largest ``max(m, n) / min(m, n)`` that is projected;
       None disables the test.
@@ -176,6 +178,8 @@ class ProjectionRule:
       return LeafPlan(path, shape)
     if self.side == 'auto':
       side = 'left' if m <= n else 'right'
+    elif self.side == 'larger':
+      side = 'left' if m >= n else 'right'
     else:
       side = self.side
     dim = m if side == 'left' else n

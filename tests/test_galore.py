@@ -544,20 +544,26 @@ def test_state_bytes_follow_the_formula():
 
 
 def test_state_bytes_against_optax_contrib_galore():
-  """Same per-matrix formula on the same side; stacked leaves differ.
+  """Same bytes on the same side; stacked leaves differ.
 
-  optax.contrib.galore projects the LARGER side, so per 2-D matrix its state
-  ``r (max + 2 min)`` is smaller than GaLore's ``r (min + 2 max)``; it keeps
-  full Adam moments for stacked (L, m, n) leaves, which are projected here.
+  optax.contrib.galore compresses the LARGER side (``side='larger'`` here),
+  so per 2-D matrix its state ``r (max + 2 min)`` is smaller than the
+  reference GaLore's ``r (min + 2 max)`` (``side='auto'``); it keeps full
+  Adam moments for stacked (L, m, n) leaves, which are projected here.
   """
   rank = 4
-  flat = {'w': jnp.zeros((32, 16))}
-  ours = flora_jax.galore(1e-2, rank, side='left', adam='optax',
-                          **SMALL)
+  flat = {'tall': jnp.zeros((32, 16)), 'wide': jnp.zeros((16, 48)),
+          'square': jnp.zeros((16, 16))}
   theirs = optax.contrib.galore(1e-2, rank=rank)
   size = lambda tx, p: flora_jax.state_bytes(jax.eval_shape(tx.init, p))
-  # Same side, same bytes but for our key (8 bytes).
-  assert size(ours, flat) == size(theirs, flat) + 8
+  same_side = flora_jax.galore(1e-2, rank, side='larger', adam='optax',
+                               **SMALL)
+  assert size(same_side, flat) == size(theirs, flat) + 8  # + our PRNG key
+  reference_side = flora_jax.galore(1e-2, rank, adam='optax', **SMALL)
+  f32, r = 4, rank
+  delta = sum(r * (min(m, n) + 2 * max(m, n)) - r * (max(m, n) + 2 * min(m, n))
+              for m, n in [(32, 16), (16, 48)])
+  assert size(reference_side, flat) == size(same_side, flat) + f32 * delta
   stacked = {'w': jnp.zeros((8, 128, 128))}
   assert size(flora_jax.galore(1e-2, 16), stacked) < 0.5 * size(theirs,
                                                                  stacked)
