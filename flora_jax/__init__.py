@@ -15,6 +15,20 @@ from flora_jax.galore import LimitNormGrowthState
 from flora_jax.galore import scale_by_adam_hf
 from flora_jax.galore import scale_by_fira
 from flora_jax.galore import scale_by_galore
+from flora_jax.lora import add_lora
+from flora_jax.lora import apply_lora_delta
+from flora_jax.lora import lora_delta
+from flora_jax.lora import lora_ga_init
+from flora_jax.lora import lora_scale
+from flora_jax.lora import LoRADelta
+from flora_jax.lora import LoRAInitialFactor
+from flora_jax.lora import merge_lora
+from flora_jax.lora import ScaledLoRA
+from flora_jax.lora import ScaledLoRAEmbed
+from flora_jax.lora import unmerge_lora
+from flora_jax.lora_plus import is_bias_or_norm
+from flora_jax.lora_plus import lora_plus
+from flora_jax.lora_plus import lora_plus_labels
 from flora_jax.projection import canonicalize_signs
 from flora_jax.projection import change_basis
 from flora_jax.projection import gaussian_projector
@@ -37,7 +51,13 @@ __all__ = (
     'GaLoreState',
     'LeafPlan',
     'LimitNormGrowthState',
+    'LoRADelta',
+    'LoRAInitialFactor',
     'ProjectionRule',
+    'ScaledLoRA',
+    'ScaledLoRAEmbed',
+    'add_lora',
+    'apply_lora_delta',
     'canonicalize_signs',
     'change_basis',
     'fira',
@@ -45,7 +65,14 @@ __all__ = (
     'flora_compress',
     'galore',
     'gaussian_projector',
+    'is_bias_or_norm',
     'limit_norm_growth',
+    'lora_delta',
+    'lora_ga_init',
+    'lora_plus',
+    'lora_plus_labels',
+    'lora_scale',
+    'merge_lora',
     'path_mask',
     'project_down',
     'project_up',
@@ -56,4 +83,5 @@ __all__ = (
     'scale_by_galore',
     'state_bytes',
     'svd_projector',
+    'unmerge_lora',
 )
