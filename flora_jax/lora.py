@@ -185,7 +185,12 @@ def _path_string(path: Path) -> str:
 def _target_predicate(targets: TargetSpec) -> Callable[[str, nnx.Module], bool]:
   if callable(targets):
     return targets
-  patterns = [targets] if isinstance(targets, str) else list(targets)
+  if isinstance(targets, str):
+    patterns = [targets]
+  elif isinstance(targets, Sequence):
+    patterns = list(targets)
+  else:
+    patterns = []
   if not patterns or not all(isinstance(p, str) for p in patterns):
     raise TypeError(
         'targets must be a regex string, a sequence of them, or a callable'
@@ -564,7 +569,7 @@ def lora_ga_init(
     raise ValueError('lora_ga_init: batches yielded no batch.')
   nnx.update(model, rest)  # RNG streams etc. as the loss advanced them
 
-  gradients = {path: v[...] for path, v in total.flat_state()}
+  gradients = {path: v[...] for path, v in nnx.to_flat_state(total)}
   key = jax.random.key(key) if isinstance(key, int) else key
   spectra = {}
   for index, (path, adapter) in enumerate(adapters):
