@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flora_jax import _validation
+from flora_jax import projection
 
 Path = tuple[Any, ...]
 TargetSpec = Union[str, Sequence[str], Callable[[str, nnx.Module], bool]]
@@ -537,6 +538,7 @@ def lora_ga_init(
     Wang, Yu, Li, 2024, https://arxiv.org/abs/2407.05000
   """
   _check_direction_and_scale(direction, scale, stable_gamma)
+  projection.check_key_argument(key)
   adapters = [
       (path, a) for path, a in _require_adapters(model, 'lora_ga_init')
       if isinstance(a, ScaledLoRA)
@@ -570,7 +572,7 @@ def lora_ga_init(
   nnx.update(model, rest)  # RNG streams etc. as the loss advanced them
 
   gradients = {path: v[...] for path, v in nnx.to_flat_state(total)}
-  key = jax.random.key(key) if isinstance(key, int) else key
+  key = projection.as_prng_key(key)
   spectra = {}
   for index, (path, adapter) in enumerate(adapters):
     grad = gradients[path + ('base_module', 'kernel')] / count
