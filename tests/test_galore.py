@@ -1,6 +1,5 @@
 """GaLore and Fira: the subspace wrapper, projectors, residual and limiter."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
