@@ -513,7 +513,9 @@ def lora_ga_init(
   Args:
     model: an NNX model with `ScaledLoRA` adapters (`add_lora`), modified
       in place.
-    loss_fn: ``loss_fn(model, batch) -> scalar``, the training loss.
+    loss_fn: ``loss_fn(model, batch) -> scalar``, the training loss. The
+      gradient step is compiled per ``loss_fn`` (and model structure): pass
+      a function defined once, not a new lambda per call, to reuse it.
     batches: an iterable of batches (a generator is fine: they are consumed
       one at a time, never held together). The paper uses 8 samples, the
       official examples 128.

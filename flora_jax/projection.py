@@ -405,6 +405,24 @@ def random_projector(
 # algebra, never by vmap, so a `lax.cond` around them stays a real branch.
 
 
+def gather_matrix_axes(x: jax.Array) -> jax.Array:
+  """Replicates the last two axes of ``x`` where its sharding is Explicit.
+
+  Decompositions (SVD, QR) need whole matrices; under
+  `jax.sharding.AxisType.Explicit` they refuse sharded matrix axes instead
+  of gathering them. Leading (stacked-slice) axes keep their sharding. With
+  Auto axes the compiler inserts the gather itself, so ``x`` is returned
+  as it is.
+  """
+  sharding = jax.typeof(x).sharding
+  spec = tuple(getattr(sharding, 'spec', ()) or ())
+  if len(spec) < 2 or (spec[-2] is None and spec[-1] is None):
+    return x
+  spec = spec + (None,) * (x.ndim - len(spec))
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec[:-2], None,
+                                                            None))
+
+
 def svd_projector(
     g: jax.Array, plan: LeafPlan, *, canonical_signs: bool = True
 ) -> jax.Array:
@@ -415,7 +433,8 @@ def svd_projector(
   reference code does. If ``r`` exceeds ``min(m, n)`` the missing columns are
   zero.
   """
-  u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+  g = gather_matrix_axes(g.astype(jnp.float32))
+  u, _, vh = jnp.linalg.svd(g, full_matrices=False)
   if plan.side == 'left':
     q = u[..., :, : plan.rank]
   else:
@@ -443,7 +462,7 @@ def randomized_projector(
   ``O(m n (r + p) (2 q + 2))`` flops against ``O(m n min(m, n))`` for a full
   SVD.
   """
-  a = g.astype(jnp.float32)
+  a = gather_matrix_axes(g.astype(jnp.float32))
   if plan.side == 'right':
     a = jnp.swapaxes(a, -1, -2)
   rows, cols = a.shape[-2:]
