@@ -40,6 +40,8 @@ from flora_jax.projection import ProjectionRule
 from flora_jax.projection import randomized_projector
 from flora_jax.projection import state_bytes
 from flora_jax.projection import svd_projector
+from flora_jax.sharding import state_partition_specs
+from flora_jax.sharding import state_shardings
 
 __version__ = '0.1.0'
 
@@ -82,6 +84,8 @@ __all__ = (
     'scale_by_flora_momentum',
     'scale_by_galore',
     'state_bytes',
+    'state_partition_specs',
+    'state_shardings',
     'svd_projector',
     'unmerge_lora',
 )

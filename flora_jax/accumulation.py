@@ -180,8 +180,14 @@ class FloraMultiSteps:
     emitted_shapes = jax.eval_shape(emit, None)
 
     def hold(_):
+      # zeros_like of the incoming updates: under Explicit sharding the
+      # branches must agree on sharding too, not only on shape.
       return (
-          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), emitted_shapes[0]),
+          jax.tree.map(
+              lambda u, s: jnp.zeros_like(u, dtype=s.dtype),
+              updates,
+              emitted_shapes[0],
+          ),
           state.inner_opt_state,
           acc,
           optax.safe_increment(state.mini_step),

@@ -359,20 +359,62 @@ def gaussian_projector(
   )
 
 
+def _spec(x: jax.Array) -> tuple[Any, ...]:
+  """The mesh axes of each axis of ``x`` in its type (Explicit sharding)."""
+  spec = tuple(getattr(jax.typeof(x).sharding, 'spec', ()) or ())
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def _reduced_sharding(contracted: tuple[Any, ...], kept: tuple[Any, ...]):
+  """``out_sharding`` of a product whose contracted axis may be sharded.
+
+  Under Explicit sharding JAX refuses to guess the layout of a product over
+  a sharded axis. The partial sums are then reduced into ``kept``: the
+  result's full-size axis stays sharded like the parameter's, the rank axis
+  is replicated. None (let JAX decide) when nothing contracted is sharded.
+  """
+  if all(axis is None for axis in contracted):
+    return None
+  return jax.sharding.PartitionSpec(*kept)
+
+
 def project_down(q: jax.Array, x: jax.Array, side: str) -> jax.Array:
   """``Qᵀ X`` (side 'left') or ``X Q`` (side 'right'), batched over leading axes."""
   x = x.astype(q.dtype)
+  x_spec, q_spec = _spec(x), _spec(q)
   if side == 'left':
-    return jnp.einsum('...mr,...mn->...rn', q, x)
-  return jnp.einsum('...mn,...nr->...mr', x, q)
+    out = _reduced_sharding((x_spec[-2], q_spec[-2]),
+                            x_spec[:-2] + (None, x_spec[-1]))
+    return jnp.einsum('...mr,...mn->...rn', q, x, out_sharding=out)
+  out = _reduced_sharding((x_spec[-1], q_spec[-2]),
+                          x_spec[:-2] + (x_spec[-2], None))
+  return jnp.einsum('...mn,...nr->...mr', x, q, out_sharding=out)
+
+
+def _outer_sharding(lead, rows, columns):
+  """``out_sharding`` of a product ``(..., m, r) @ (..., r, n)``.
+
+  The result takes its rows' sharding from one factor and its columns' from
+  the other; when both name the same mesh axis (a square matrix whose
+  projector was laid out along the other axis) the columns are replicated
+  rather than the product refused. None when nothing is sharded.
+  """
+  if rows is None and columns is None and all(a is None for a in lead):
+    return None
+  if columns == rows:
+    columns = None
+  return jax.sharding.PartitionSpec(*lead, rows, columns)
 
 
 def project_up(q: jax.Array, c: jax.Array, side: str) -> jax.Array:
   """``Q C`` (side 'left') or ``C Qᵀ`` (side 'right'), batched over leading axes."""
   c = c.astype(q.dtype)
+  q_spec, c_spec = _spec(q), _spec(c)
   if side == 'left':
-    return jnp.einsum('...mr,...rn->...mn', q, c)
-  return jnp.einsum('...mr,...nr->...mn', c, q)
+    out = _outer_sharding(c_spec[:-2], q_spec[-2], c_spec[-1])
+    return jnp.einsum('...mr,...rn->...mn', q, c, out_sharding=out)
+  out = _outer_sharding(c_spec[:-2], c_spec[-2], q_spec[-2])
+  return jnp.einsum('...mr,...nr->...mn', c, q, out_sharding=out)
 
 
 def change_basis(
@@ -383,7 +425,12 @@ def change_basis(
   Moves a low-rank quantity (a momentum, say) from the subspace of ``q_old``
   into that of ``q_new``.
   """
-  overlap = jnp.einsum('...dr,...ds->...rs', q_new, q_old.astype(q_new.dtype))
+  new_spec, old_spec = _spec(q_new), _spec(q_old)
+  overlap = jnp.einsum(
+      '...dr,...ds->...rs', q_new, q_old.astype(q_new.dtype),
+      out_sharding=_reduced_sharding((new_spec[-2], old_spec[-2]),
+                                     new_spec[:-2] + (None, None)),
+  )
   c = c.astype(q_new.dtype)
   if side == 'left':
     return jnp.einsum('...rs,...sn->...rn', overlap, c)

@@ -1,0 +1,212 @@
+"""Shardings of optimizer states on device meshes.
+
+`state_shardings` answers "how should the state of ``tx`` be laid out, given
+how the parameters are?", for `jax.jit(tx.init, out_shardings=...)` and for
+the state half of a train step's ``in_shardings`` / ``out_shardings``:
+
+* a state leaf with the parameter's shape (Adam moments, full momentum of an
+  unprojected leaf) is sharded like the parameter;
+* a low-rank leaf, ``(..., r, n)`` or ``(..., m, r)`` (compressed momentum,
+  accumulator sketch, GaLore's inner state), keeps the parameter's sharding
+  on its full-size axis and is replicated along ``r``;
+* a projector ``(..., m, r)`` or ``(..., n, r)`` is sharded along the
+  parameter axis it spans;
+* factored second moments and per-slice norms keep the sharding of the axes
+  they keep;
+* counters, keys and anything else are replicated.
+
+A mesh axis that does not divide the size of the axis it would shard (a rank
+of 6 on 4 devices, say) is dropped from that axis: JAX needs even shards.
+
+State leaves are matched to parameters by their key paths: every state of
+this library and of optax stores per-parameter trees under the parameter's
+own path, so the longest parameter path that ends a state leaf's path is its
+parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from flax import nnx
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from flora_jax import projection
+
+def _path_parts(key_path) -> tuple[str, ...]:
+  return tuple(projection.path_string((entry,)) for entry in key_path)
+
+
+def _mesh_axis_size(mesh, names) -> int:
+  if names is None:
+    return 1
+  names = names if isinstance(names, tuple) else (names,)
+  return int(np.prod([mesh.shape[name] for name in names]))
+
+
+def _fit(spec: Sequence[Any], shape: tuple[int, ...], mesh) -> PartitionSpec:
+  """``spec`` padded to ``shape`` with each axis kept only if it divides."""
+  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+  kept = [
+      names if size % _mesh_axis_size(mesh, names) == 0 else None
+      for names, size in zip(spec, shape)
+  ]
+  while kept and kept[-1] is None:  # the canonical form JAX reports
+    kept.pop()
+  return PartitionSpec(*kept)
+
+
+def _state_spec(
+    shape: tuple[int, ...],
+    param_shape: tuple[int, ...],
+    param_spec: tuple[Any, ...],
+) -> tuple[Any, ...]:
+  """The spec of a state leaf derived from its parameter's (see module doc)."""
+  param_spec = tuple(param_spec) + (None,) * (
+      len(param_shape) - len(param_spec)
+  )
+  if shape == param_shape:
+    return param_spec
+  ndim, param_ndim = len(shape), len(param_shape)
+  if ndim == param_ndim >= 2 and shape[:-2] == param_shape[:-2]:
+    lead = param_spec[:-2]
+    (a, b), (m, n) = shape[-2:], param_shape[-2:]
+    spec_m, spec_n = param_spec[-2:]
+    if b == n and a != m:  # (r, n): rows compressed
+      return lead + (None, spec_n)
+    if a == m:  # (m, r): columns compressed, or a row projector
+      return lead + (spec_m, None)
+    if a == n:  # (n, r): a column projector
+      return lead + (spec_n, None)
+    return lead + (None, None)
+  if ndim == param_ndim - 1 >= 1:
+    # Factored second moments: which axis a statistic keeps is read off its
+    # shape (optax names them by size, not by axis); a square matrix's two
+    # statistics both take the rows' sharding.
+    if shape == param_shape[:-1]:
+      return param_spec[:-1]
+    if shape == param_shape[:-2] + param_shape[-1:]:
+      return param_spec[:-2] + param_spec[-1:]
+  if ndim == param_ndim - 2 and shape == param_shape[:-2]:
+    return param_spec[:-2]  # one value per stacked slice
+  return ()
+
+
+def _param_specs(params: Any, param_shardings: Any, mesh) -> tuple[Any, Any]:
+  """(tree of PartitionSpec, mesh) from explicit shardings or the params."""
+  if param_shardings is None:
+    is_variable = lambda x: isinstance(x, nnx.Variable)
+    if any(is_variable(x) for x in jax.tree.leaves(params, is_leaf=is_variable)):
+      param_shardings = nnx.get_partition_spec(params)
+      param_shardings = projection.unwrap_variables(param_shardings)
+    else:
+      param_shardings = jax.tree.map(
+          lambda x: getattr(x, 'sharding', None), params
+      )
+  leaves = jax.tree.leaves(
+      param_shardings, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )
+  for leaf in leaves:
+    if isinstance(leaf, NamedSharding):
+      mesh = mesh or leaf.mesh
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      raise ValueError(
+          'state_shardings needs a mesh: pass NamedShardings, `mesh=`, or'
+          ' call it under `jax.set_mesh(mesh)`.'
+      )
+
+  def spec_of(sharding):
+    if isinstance(sharding, NamedSharding):
+      return sharding.spec
+    if isinstance(sharding, PartitionSpec):
+      return sharding
+    if sharding is None or getattr(sharding, 'is_fully_replicated', False):
+      return PartitionSpec()
+    raise TypeError(
+        'parameter shardings must be NamedSharding or PartitionSpec, got'
+        f' {sharding!r}.'
+    )
+
+  specs = jax.tree.map(
+      spec_of,
+      param_shardings,
+      is_leaf=lambda x: isinstance(x, (PartitionSpec, NamedSharding)),
+  )
+  return specs, mesh
+
+
+def state_partition_specs(
+    tx: optax.GradientTransformation,
+    params: Any,
+    param_shardings: Any = None,
+    *,
+    mesh: Optional[jax.sharding.Mesh] = None,
+) -> Any:
+  """`state_shardings` as a tree of `PartitionSpec` (for `jax.jit` under a mesh)."""
+  return jax.tree.map(
+      lambda s: s.spec, state_shardings(tx, params, param_shardings, mesh=mesh)
+  )
+
+
+def state_shardings(
+    tx: optax.GradientTransformation,
+    params: Any,
+    param_shardings: Any = None,
+    *,
+    mesh: Optional[jax.sharding.Mesh] = None,
+) -> Any:
+  """The `NamedSharding` of every leaf of ``tx.init(params)``.
+
+  Args:
+    tx: any optax transformation (of this library or not).
+    params: the parameters: arrays, `jax.ShapeDtypeStruct`s or NNX Variables
+      (their ``sharding`` metadata from `nnx.with_partitioning` is read).
+      Nothing is allocated: the state is evaluated with `jax.eval_shape`.
+    param_shardings: a tree like ``params`` of `NamedSharding` or
+      `PartitionSpec`; None reads them off ``params`` (``.sharding`` of
+      arrays and ShapeDtypeStructs, or NNX metadata).
+    mesh: the mesh, when the shardings are `PartitionSpec`s and no mesh is
+      set with `jax.set_mesh`.
+
+  Returns:
+    A tree with the structure of ``jax.eval_shape(tx.init, params)`` of
+    `NamedSharding`, usable as ``out_shardings`` of ``jax.jit(tx.init)``.
+
+  Example:
+    >>> mesh = jax.make_mesh((2, 4), ('data', 'model'))  # doctest: +SKIP
+    >>> shardings = state_shardings(tx, params)           # doctest: +SKIP
+    >>> state = jax.jit(tx.init, out_shardings=shardings)(params)  # +SKIP
+  """
+  specs, mesh = _param_specs(params, param_shardings, mesh)
+  params = projection.unwrap_variables(params)
+  abstract_params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params
+  )
+  abstract_state = jax.eval_shape(tx.init, abstract_params)
+
+  param_entries = {}
+  for (key_path, leaf), spec in zip(
+      jax.tree.leaves_with_path(abstract_params),
+      jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+  ):
+    param_entries[_path_parts(key_path)] = (tuple(leaf.shape), tuple(spec))
+  longest_first = sorted(param_entries, key=len, reverse=True)
+
+  def sharding_of(key_path, leaf):
+    parts = _path_parts(key_path)
+    shape = tuple(np.shape(leaf))
+    spec = ()
+    for param_path in longest_first:
+      if param_path and parts[-len(param_path):] == param_path:
+        param_shape, param_spec = param_entries[param_path]
+        spec = _state_spec(shape, param_shape, param_spec)
+        break
+    return NamedSharding(mesh, _fit(spec, shape, mesh))
+
+  return jax.tree.map_with_path(sharding_of, abstract_state)
