@@ -1,8 +1,12 @@
 """Optimizer states on an 8-device mesh: shardings, equality with one device,
 communication of the Flora update, orbax resume.
 
-The 8 CPU devices come from conftest.py
-(``--xla_force_host_platform_device_count=8``, set before jax starts).
+Needs 8 devices, which on a CPU means starting Python with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``; `.ci/run` runs this
+file that way, in its own process (without it the tests skip):
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python -m pytest -p no:xdist tests/test_sharding.py
 """
 
 import re
