@@ -2,8 +2,8 @@
 communication of the Flora update, orbax resume.
 
 Needs 8 devices, which on a CPU means starting Python with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``; `.ci/run` runs this
-file that way, in its own process (without it the tests skip):
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``, in a process of its
+own (without it the tests skip; CI does not run it yet, see the README):
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python -m pytest -p no:xdist tests/test_sharding.py
