@@ -461,11 +461,9 @@ def gather_matrix_axes(x: jax.Array) -> jax.Array:
   Auto axes the compiler inserts the gather itself, so ``x`` is returned
   as it is.
   """
-  sharding = jax.typeof(x).sharding
-  spec = tuple(getattr(sharding, 'spec', ()) or ())
-  if len(spec) < 2 or (spec[-2] is None and spec[-1] is None):
+  spec = _spec(x)
+  if spec[-2] is None and spec[-1] is None:
     return x
-  spec = spec + (None,) * (x.ndim - len(spec))
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec[:-2], None,
                                                             None))
 
