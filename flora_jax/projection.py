@@ -448,8 +448,30 @@ def random_projector(
 #
 # Both return Q of shape plan.projector_shape in float32 with orthonormal
 # columns spanning (an estimate of) the top-r singular subspace of the
-# compressed axis. Stacked slices are factorised together by batched linear
-# algebra, never by vmap, so a `lax.cond` around them stays a real branch.
+# compressed axis. Stacked slices go through `_each_matrix`, never vmap, so a
+# `lax.cond` around them stays a real branch.
+
+
+def _each_matrix(fn: Callable[..., jax.Array], *arrays: jax.Array) -> jax.Array:
+  """``fn`` applied to every stacked matrix of ``arrays`` (leading axes alike).
+
+  On accelerators the decompositions in ``fn`` run batched, so a sharded
+  leading axis stays local to its devices. On CPU the slices run one after
+  another: jaxlib's batched LAPACK kernels (0.10) fan a batch out over the
+  intra-op thread pool and block waiting for it, so when every device of a
+  multi-device CPU process (``--xla_force_host_platform_device_count``)
+  enters one at once, the pool starves and the step deadlocks.
+  """
+  batch_shape = arrays[0].shape[:-2]
+  if not batch_shape:
+    return fn(*arrays)
+
+  def one_at_a_time(*xs):
+    flat = [x.reshape((-1,) + x.shape[len(batch_shape):]) for x in xs]
+    out = jax.lax.map(lambda slices: fn(*slices), flat)
+    return out.reshape(batch_shape + out.shape[1:])
+
+  return jax.lax.platform_dependent(*arrays, cpu=one_at_a_time, default=fn)
 
 
 def gather_matrix_axes(x: jax.Array) -> jax.Array:
@@ -478,12 +500,13 @@ def svd_projector(
   reference code does. If ``r`` exceeds ``min(m, n)`` the missing columns are
   zero.
   """
-  g = gather_matrix_axes(g.astype(jnp.float32))
-  u, _, vh = jnp.linalg.svd(g, full_matrices=False)
-  if plan.side == 'left':
-    q = u[..., :, : plan.rank]
-  else:
-    q = jnp.swapaxes(vh[..., : plan.rank, :], -1, -2)
+  def fit(g):
+    u, _, vh = jnp.linalg.svd(g, full_matrices=False)
+    if plan.side == 'left':
+      return u[..., :, : plan.rank]
+    return jnp.swapaxes(vh[..., : plan.rank, :], -1, -2)
+
+  q = _each_matrix(fit, gather_matrix_axes(g.astype(jnp.float32)))
   q = _pad_columns(q, plan.rank)
   return canonicalize_signs(q) if canonical_signs else q
 
@@ -514,14 +537,18 @@ def randomized_projector(
   width = min(plan.rank + oversampling, rows)
   omega = jax.random.normal(key, plan.batch_shape + (cols, width), jnp.float32)
   transpose = lambda x: jnp.swapaxes(x, -1, -2)
-  sketch = a @ omega
-  for _ in range(power_iterations):
+
+  def fit(a, omega):
+    sketch = a @ omega
+    for _ in range(power_iterations):
+      basis, _ = jnp.linalg.qr(sketch)
+      co_basis, _ = jnp.linalg.qr(transpose(a) @ basis)
+      sketch = a @ co_basis
     basis, _ = jnp.linalg.qr(sketch)
-    co_basis, _ = jnp.linalg.qr(transpose(a) @ basis)
-    sketch = a @ co_basis
-  basis, _ = jnp.linalg.qr(sketch)
-  u_small, _, _ = jnp.linalg.svd(transpose(basis) @ a, full_matrices=False)
-  q = _pad_columns(basis @ u_small[..., :, : plan.rank], plan.rank)
+    u_small, _, _ = jnp.linalg.svd(transpose(basis) @ a, full_matrices=False)
+    return basis @ u_small[..., :, : plan.rank]
+
+  q = _pad_columns(_each_matrix(fit, a, omega), plan.rank)
   return canonicalize_signs(q) if canonical_signs else q
 
 
