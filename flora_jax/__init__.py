@@ -40,6 +40,7 @@ from flora_jax.projection import ProjectionRule
 from flora_jax.projection import randomized_projector
 from flora_jax.projection import state_bytes
 from flora_jax.projection import svd_projector
+from flora_jax.sharding import apply_shardings
 from flora_jax.sharding import state_partition_specs
 from flora_jax.sharding import state_shardings
 
@@ -59,6 +60,7 @@ __all__ = (
     'ScaledLoRA',
     'ScaledLoRAEmbed',
     'add_lora',
+    'apply_shardings',
     'apply_lora_delta',
     'canonicalize_signs',
     'change_basis',

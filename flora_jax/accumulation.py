@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flora_jax import _compat
 from flora_jax import _validation
 from flora_jax import projection
 from flora_jax.projection import MaskOrFn, PRNGKeyLike, Side
@@ -194,7 +195,7 @@ class FloraMultiSteps:
           cycle,
       )
 
-    new_updates, inner_state, acc, mini_step, cycle = jax.lax.cond(
+    new_updates, inner_state, acc, mini_step, cycle = _compat.cond(
         state.mini_step >= k - 1, emit, hold, None
     )
     return new_updates, FloraMultiStepsState(

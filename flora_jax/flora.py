@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flora_jax import _compat
 from flora_jax import _validation
 from flora_jax import projection
 from flora_jax.projection import MaskOrFn, PRNGKeyLike, Side
@@ -245,7 +246,7 @@ def scale_by_flora_momentum(
         full = projection.project_up(q_old, c, plan.side)
         return projection.project_down(q, full, plan.side)
 
-      c = jax.lax.cond(resampled, transfer, lambda c: c, c)
+      c = _compat.cond(resampled, transfer, lambda c: c, c)
       c_new = b1 * c + (1 - b1) * projection.project_down(q, u32, plan.side)
       history = c_new if nesterov else c
       out = b1 * projection.project_up(q, history, plan.side) + (1 - b1) * u32
@@ -375,4 +376,4 @@ def flora(
   if _validation.may_be_nonzero(weight_decay):
     transforms.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
   transforms.append(optax.scale_by_learning_rate(learning_rate))
-  return optax.chain(*transforms)
+  return projection.init_on_arrays(optax.chain(*transforms))

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flora_jax import _compat
 from flora_jax import _validation
 from flora_jax import projection
 from flora_jax.projection import MaskOrFn, PRNGKeyLike, Side
@@ -383,7 +384,7 @@ def _scale_by_subspace(
       any_missing = jnp.any(
           jnp.stack([jnp.any(m) for m in jax.tree.leaves(missing)] or [False])
       )
-      projectors, inner_state = jax.lax.cond(
+      projectors, inner_state = _compat.cond(
           scheduled | any_missing,
           refresh,
           lambda *args: args,
@@ -405,7 +406,7 @@ def _scale_by_subspace(
       current = regenerate(refresh_index)
       inner_state = state.inner_state
       if transfer_moments:
-        inner_state = jax.lax.cond(
+        inner_state = _compat.cond(
             scheduled & (count > 0),
             lambda s: _transfer_first_moments(
                 s, plans, regenerate(refresh_index - 1), current

@@ -40,7 +40,9 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from flora_jax import _compat
 from flora_jax import _validation
 
 Side = Literal['auto', 'larger', 'left', 'right']
@@ -220,6 +222,23 @@ def unwrap_variables(tree: Any) -> Any:
   is_variable = lambda x: isinstance(x, nnx.Variable)
   return jax.tree.map(
       lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable
+  )
+
+
+def init_on_arrays(
+    tx: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+  """``tx`` with NNX Variables unwrapped before its ``init``.
+
+  optax initialisers build states with ``jax.tree.map`` over the parameters,
+  which keeps each Variable, sharding metadata included, around the state
+  leaf made from it. That suits a moment of the parameter's shape but not a
+  factored statistic of another shape (`optax.scale_by_factored_rms`):
+  `nnx.Optimizer` then reshards its ``(m,)`` vector with the parameter's 2-D
+  spec and fails. The state's shardings come from `state_shardings` instead.
+  """
+  return optax.GradientTransformation(
+      lambda params: tx.init(unwrap_variables(params)), tx.update
   )
 
 
@@ -448,30 +467,8 @@ def random_projector(
 #
 # Both return Q of shape plan.projector_shape in float32 with orthonormal
 # columns spanning (an estimate of) the top-r singular subspace of the
-# compressed axis. Stacked slices go through `_each_matrix`, never vmap, so a
-# `lax.cond` around them stays a real branch.
-
-
-def _each_matrix(fn: Callable[..., jax.Array], *arrays: jax.Array) -> jax.Array:
-  """``fn`` applied to every stacked matrix of ``arrays`` (leading axes alike).
-
-  On accelerators the decompositions in ``fn`` run batched, so a sharded
-  leading axis stays local to its devices. On CPU the slices run one after
-  another: jaxlib's batched LAPACK kernels (0.10) fan a batch out over the
-  intra-op thread pool and block waiting for it, so when every device of a
-  multi-device CPU process (``--xla_force_host_platform_device_count``)
-  enters one at once, the pool starves and the step deadlocks.
-  """
-  batch_shape = arrays[0].shape[:-2]
-  if not batch_shape:
-    return fn(*arrays)
-
-  def one_at_a_time(*xs):
-    flat = [x.reshape((-1,) + x.shape[len(batch_shape):]) for x in xs]
-    out = jax.lax.map(lambda slices: fn(*slices), flat)
-    return out.reshape(batch_shape + out.shape[1:])
-
-  return jax.lax.platform_dependent(*arrays, cpu=one_at_a_time, default=fn)
+# compressed axis. Stacked slices go through `_compat.each_matrix`, never
+# vmap, so a `lax.cond` around them stays a real branch.
 
 
 def gather_matrix_axes(x: jax.Array) -> jax.Array:
@@ -506,7 +503,7 @@ def svd_projector(
       return u[..., :, : plan.rank]
     return jnp.swapaxes(vh[..., : plan.rank, :], -1, -2)
 
-  q = _each_matrix(fit, gather_matrix_axes(g.astype(jnp.float32)))
+  q = _compat.each_matrix(fit, gather_matrix_axes(g.astype(jnp.float32)))
   q = _pad_columns(q, plan.rank)
   return canonicalize_signs(q) if canonical_signs else q
 
@@ -548,7 +545,7 @@ def randomized_projector(
     u_small, _, _ = jnp.linalg.svd(transpose(basis) @ a, full_matrices=False)
     return basis @ u_small[..., :, : plan.rank]
 
-  q = _pad_columns(_each_matrix(fit, a, omega), plan.rank)
+  q = _pad_columns(_compat.each_matrix(fit, a, omega), plan.rank)
   return canonicalize_signs(q) if canonical_signs else q
 
 

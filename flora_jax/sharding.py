@@ -114,7 +114,11 @@ def _param_specs(params: Any, param_shardings: Any, mesh) -> tuple[Any, Any]:
     if isinstance(leaf, NamedSharding):
       mesh = mesh or leaf.mesh
   if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
+    # The concrete mesh set by `jax.set_mesh`, so that the shardings can be
+    # compared with (and placed like) real arrays; the abstract one in jit.
+    mesh = jax.sharding.get_mesh()
+    if mesh.empty:
+      mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
       raise ValueError(
           'state_shardings needs a mesh: pass NamedShardings, `mesh=`, or'
@@ -210,3 +214,56 @@ def state_shardings(
     return NamedSharding(mesh, _fit(spec, shape, mesh))
 
   return jax.tree.map_with_path(sharding_of, abstract_state)
+
+
+def _lay_out(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+  explicit = {
+      name
+      for name, kind in zip(sharding.mesh.axis_names, sharding.mesh.axis_types)
+      if kind == jax.sharding.AxisType.Explicit
+  }
+  named = {
+      name
+      for names in sharding.spec
+      if names is not None
+      for name in (names if isinstance(names, tuple) else (names,))
+  }
+  if explicit and named <= explicit:
+    return jax.sharding.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def apply_shardings(tree: Any, shardings: Any) -> Any:
+  """Lays every leaf of ``tree`` out as ``shardings`` says (inside `jax.jit`).
+
+  The layout step of an init that was not given ``out_shardings``: on
+  `AxisType.Auto` axes it is `jax.lax.with_sharding_constraint`, on Explicit
+  axes (the default of `jax.make_mesh`) `jax.sharding.reshard`, since there
+  a sharding constraint only asserts. NNX Variables (an `nnx.Optimizer`'s
+  ``opt_state``) are updated in place; arrays are returned.
+
+  Args:
+    tree: arrays or NNX Variables, e.g. a fresh optimizer state.
+    shardings: a tree like ``tree`` of `NamedSharding`, e.g. from
+      `state_shardings`.
+
+  Returns:
+    ``tree`` laid out.
+
+  Example:
+    >>> shardings = state_shardings(tx, nnx.state(model, nnx.Param))  # +SKIP
+    >>> @nnx.jit                                                        # +SKIP
+    ... def make_optimizer(model):
+    ...   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    ...   apply_shardings(optimizer.opt_state, shardings)
+    ...   return optimizer
+  """
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+
+  def lay_out(leaf, sharding):
+    if is_variable(leaf):
+      leaf.set_value(_lay_out(leaf.get_value(), sharding))
+      return leaf
+    return _lay_out(leaf, sharding)
+
+  return jax.tree.map(lay_out, tree, shardings, is_leaf=is_variable)

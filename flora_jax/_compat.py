@@ -1,0 +1,78 @@
+"""Workarounds for the runtime this library is tested on, in one place."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+
+
+# XLA_FLAGS entry that makes conditionals with collectives safe on simulated
+# CPU devices (see `cond`).
+SEQUENTIAL_CPU_SCHEDULER = (
+    '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+)
+
+
+def several_cpu_devices() -> bool:
+  """Whether this process simulates a mesh on CPU devices."""
+  return len(jax.devices('cpu')) > 1
+
+
+def cond(
+    pred: jax.Array,
+    true_fn: Callable[..., Any],
+    false_fn: Callable[..., Any],
+    *operands: Any,
+) -> Any:
+  """`jax.lax.cond`, made safe where several CPU devices share this process.
+
+  There (``--xla_force_host_platform_device_count``, how multi-device code
+  is tested without accelerators) XLA's CPU scheduler in jaxlib 0.10 may
+  order a conditional that contains collectives differently from the
+  step's other collectives on different devices, and the step deadlocks.
+  Unless XLA_FLAGS holds ``SEQUENTIAL_CPU_SCHEDULER``, which prevents that,
+  both branches are then computed and the result selected, so that every
+  collective is unconditional (correct, but a GaLore refresh then costs an
+  SVD at every step). Accelerators and a one-device CPU process always get
+  the real branch.
+  """
+
+  def branch():
+    return jax.lax.cond(pred, true_fn, false_fn, *operands)
+
+  def select():
+    taken, not_taken = true_fn(*operands), false_fn(*operands)
+    return jax.tree.map(
+        lambda a, b: jax.lax.select(pred, a, b), taken, not_taken
+    )
+
+  if (not several_cpu_devices()
+      or SEQUENTIAL_CPU_SCHEDULER in os.environ.get('XLA_FLAGS', '')):
+    return branch()
+  return jax.lax.platform_dependent(cpu=select, default=branch)
+
+
+def each_matrix(
+    fn: Callable[..., jax.Array], *arrays: jax.Array
+) -> jax.Array:
+  """``fn`` applied to every stacked matrix of ``arrays`` (leading axes alike).
+
+  The decompositions in ``fn`` run batched, so a sharded leading axis stays
+  local to its devices, except where several CPU devices share this
+  process: jaxlib's batched LAPACK kernels (0.10) fan a batch out over the
+  intra-op thread pool and block waiting for it, so when every device
+  enters one at once the pool starves and the step deadlocks. There the
+  slices run one after another.
+  """
+  batch_shape = arrays[0].shape[:-2]
+  if not batch_shape or not several_cpu_devices():
+    return fn(*arrays)
+
+  def one_at_a_time(*xs):
+    flat = [x.reshape((-1,) + x.shape[len(batch_shape):]) for x in xs]
+    out = jax.lax.map(lambda slices: fn(*slices), flat)
+    return out.reshape(batch_shape + out.shape[1:])
+
+  return jax.lax.platform_dependent(*arrays, cpu=one_at_a_time, default=fn)
