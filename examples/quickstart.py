@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sysconfig
 import time
 
 import jax
@@ -33,6 +31,7 @@ import optax
 from flax import nnx
 
 import flora_jax
+from flora_jax import datasets
 
 try:
   from tqdm.auto import tqdm
@@ -46,36 +45,8 @@ except ImportError as err:  # tqdm is an optional dependency of the library.
 
 
 def load_stdlib_corpus(max_bytes: int) -> np.ndarray:
-  """Concatenates the standard library's ``.py`` files as uint8 bytes.
-
-  Files are visited in sorted order so that every run sees the same corpus.
-  Third-party packages are skipped: they differ from machine to machine.
-  """
-  root = sysconfig.get_paths()['stdlib']
-  skip = {'site-packages', 'dist-packages', '__pycache__'}
-  chunks, total = [], 0
-  for directory, subdirs, files in os.walk(root):
-    subdirs[:] = sorted(d for d in subdirs if d not in skip)
-    for name in sorted(files):
-      if total >= max_bytes:
-        break
-      if not name.endswith('.py'):
-        continue
-      try:
-        with open(os.path.join(directory, name), 'rb') as f:
-          chunks.append(f.read(max_bytes - total))
-      except OSError:
-        continue
-      total += len(chunks[-1])
-    if total >= max_bytes:
-      break
-  if total == 0:
-    raise FileNotFoundError(
-        'No readable .py files under the standard library directory'
-        f' {root!r}; this example needs a Python installation that ships its'
-        ' sources.'
-    )
-  return np.frombuffer(b''.join(chunks), dtype=np.uint8)
+  """The standard library's ``.py`` sources as bytes (`flora_jax.datasets`)."""
+  return datasets.stdlib_corpus(max_bytes)
 
 
 def train_batches(data: np.ndarray, steps: int, batch_size: int,

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import flora_jax
+from flora_jax import datasets
 import quickstart  # the model, loss and batching of examples/quickstart.py
 
 OPTIMIZERS = ('adamw', 'adafactor', 'flora', 'galore', 'galore-randomized',
@@ -59,9 +60,8 @@ def make_optimizer(name: str, lr: float, rank: int, period: int,
 def load_corpus(name: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
   """(train, held-out) bytes."""
   if name == 'shakespeare':
-    from flora_jax import datasets
-    return datasets.shakespeare_splits()
-  corpus = quickstart.load_stdlib_corpus(max_bytes)
+    return datasets.shakespeare_split()
+  corpus = datasets.stdlib_corpus(max_bytes)
   split = int(len(corpus) * 0.95)
   return corpus[:split], corpus[split:]
 

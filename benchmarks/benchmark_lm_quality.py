@@ -1,0 +1,112 @@
+"""Quality: a byte-level LM pre-trained on Shakespeare with each optimizer.
+
+Every run trains the same model (examples/train_lm.py: the quickstart's
+decoder-only transformer) from the same initialisation on the same batches
+for the same number of steps; only the optimizer differs. The low-rank
+optimizers project the transformer blocks' matrices (the embedding, norms
+and biases keep full state in every run). Several seeds; the table gives the
+final held-out loss as mean ± (max - min) / 2 over seeds, and a PNG shows
+the held-out curves.
+
+Run::
+
+  python -m flora_jax.datasets fetch                  # once
+  python benchmarks/benchmark_lm_quality.py --quick   # about a minute (CI)
+  python benchmarks/benchmark_lm_quality.py           # ~15 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+# The training loop is the example's; benchmarks run from a checkout.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
+import train_lm  # noqa: E402
+
+# (label, optimizer, rank)
+RUNS = (
+    ('adamw', 'adamw', None),
+    ('adafactor', 'adafactor', None),
+    ('flora r8', 'flora', 8),
+    ('flora r32', 'flora', 32),
+    ('flora r128', 'flora', 128),
+    ('galore r32', 'galore', 32),
+    ('fira r32', 'fira', 32),
+)
+QUICK_RUNS = (RUNS[0], RUNS[3], RUNS[6])
+
+
+def main():
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument('--steps', type=int, default=1000)
+  parser.add_argument('--seeds', type=int, default=2)
+  parser.add_argument('--lr', type=float, default=2e-3)
+  parser.add_argument('--period', type=int, default=200)
+  parser.add_argument('--corpus', choices=('shakespeare', 'stdlib'),
+                      default='shakespeare')
+  parser.add_argument('--out', default=os.path.join(
+      os.path.dirname(__file__), 'results'))
+  parser.add_argument('--quick', action='store_true', help='smoke test (CI)')
+  args = parser.parse_args()
+  runs = QUICK_RUNS if args.quick else RUNS
+  if args.quick:
+    args.steps, args.seeds, args.period = 20, 1, 5
+
+  results = {}
+  for label, name, rank in runs:
+    histories = []
+    for seed in range(args.seeds):
+      run_args = train_lm.parser().parse_args([])
+      run_args.optimizer, run_args.rank = name, rank or 32
+      run_args.steps, run_args.seed, run_args.lr = args.steps, seed, args.lr
+      run_args.period, run_args.corpus = args.period, args.corpus
+      run_args.eval_every = max(args.steps // 10, 1)
+      if args.quick:
+        run_args.batch_size, run_args.eval_batches = 8, 1
+      histories.append(train_lm.train(run_args, progress=False))
+      print(f'{label} seed {seed}: held-out {histories[-1].eval_loss[-1]:.4f}'
+            f' ({histories[-1].seconds:.0f} s)', flush=True)
+    results[label] = histories
+
+  base = np.mean([h.eval_loss[-1] for h in results['adamw']])
+  print(f'\n{args.steps} steps, {args.seeds} seed(s), lr {args.lr},'
+        f' corpus {args.corpus}; held-out loss in nats per byte.\n')
+  print('| optimizer | held-out loss | vs adamw | optimizer state |')
+  print('|---|---|---|---|')
+  for label, histories in results.items():
+    final = np.array([h.eval_loss[-1] for h in histories])
+    spread = (final.max() - final.min()) / 2
+    print(f'| {label} | {final.mean():.4f} ± {spread:.4f} |'
+          f' {final.mean() - base:+.4f} |'
+          f' {histories[0].state_bytes / 2**20:.2f} MiB |')
+
+  try:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print('\n(no plot: pip install -e ".[benchmarks]")')
+    return
+  os.makedirs(args.out, exist_ok=True)
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, histories in results.items():
+    curves = np.array([h.eval_loss for h in histories])
+    ax.plot(histories[0].eval_steps, curves.mean(0), label=label)
+  ax.set_xlabel('step')
+  ax.set_ylabel('held-out loss (nats/byte)')
+  ax.set_title(f'Byte-level LM on {args.corpus}')
+  ax.legend()
+  fig.tight_layout()
+  path = os.path.join(args.out, 'lm_quality.png')
+  fig.savefig(path, dpi=120)
+  print(f'\nplot: {path}')
+
+
+if __name__ == '__main__':
+  main()
