@@ -1,0 +1,634 @@
+"""Memory of Flora, GaLore and Fira against optax baselines, without allocating.
+
+Two measurements; neither allocates the arrays it measures, so a 7B model is
+fine on a laptop:
+
+1. Optimizer-state bytes: ``jax.eval_shape(tx.init, params)`` on LLaMA-shaped
+   float32 parameter trees (the GaLore / Fira paper shapes, 60M to 7B, vocab
+   32000, untied head), for each optimizer and rank. Shapes and dtypes only,
+   so these figures do not depend on the device.
+
+2. Compiled memory of one full train step (forward, backward, optimizer
+   update, parameter update) of a small LLaMA-style decoder with float32
+   parameters and float32 compute, from
+   ``jax.jit(step, donate_argnums=(0, 1)).lower(...).compile()
+   .memory_analysis()``. The step is compiled, never executed. XLA's
+   buffer assignment reports
+
+   * argument bytes: the inputs, i.e. parameters + optimizer state + tokens;
+   * output bytes: new parameters + new optimizer state + the loss;
+   * alias bytes: outputs written into donated inputs' buffers (counted in
+     both of the above, but allocated once);
+   * temp bytes: the packed peak of every intermediate buffer (activations
+     kept for the backward pass, gradients, optimizer temporaries).
+
+   The peak estimate is ``argument + output - alias + temp``: arguments live
+   for the whole call, outputs that could not reuse a donated buffer are
+   fresh allocations, and temporaries come on top. The persistent part,
+   what stays allocated between steps, is parameters + optimizer state.
+   These figures come from the compiler of whatever backend JAX picks (its
+   fusion and scheduling decide the temporaries), so the header names it.
+
+Run it with
+
+  python benchmarks/benchmark_memory.py           # full mode, about a minute on 2 CPU cores
+  python benchmarks/benchmark_memory.py --quick   # CI smoke mode, about 20 s
+
+It needs matplotlib (``pip install -e ".[benchmarks]"``).
+
+Markdown tables go to stdout and to ``<out>/memory.md``; PNG plots to
+``<out>`` (default ``benchmarks/results``, ``benchmarks/results/quick`` with
+``--quick`` so a smoke run never overwrites the full figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import math
+import os
+import pathlib
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import flora_jax
+
+# name: (d_model, ffn, layers); vocab 32000 (GaLore / Fira paper shapes).
+LLAMA_SHAPES = {
+    '60M': (512, 1376, 8),
+    '130M': (768, 2048, 12),
+    '350M': (1024, 2736, 24),
+    '1B': (2048, 5461, 24),
+    '7B': (4096, 11008, 32),
+}
+LLAMA_VOCAB = 32000
+LEARNING_RATE = 1e-3  # irrelevant to memory; any value builds the same state
+ACCUMULATION_STEPS = 4
+
+FULL_MODELS = tuple(LLAMA_SHAPES)
+FULL_RANKS = (128, 256, 512)
+QUICK_MODELS = ('60M', '130M')
+QUICK_RANKS = (128, 256)
+PLOT_RANK = 256  # the model-size plot; the rank sweep uses RANK_SWEEP_MODEL
+RANK_SWEEP_MODEL = '1B'
+
+HEAD_DIM = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class StepModel:
+  """A LLaMA-style decoder and the batch of the compiled train step."""
+
+  name: str
+  d_model: int
+  ffn: int
+  layers: int
+  vocab: int
+  batch: int
+  seq_len: int
+  rank: int
+
+
+# Full mode: the 60M paper shape (58M parameters), seq 256 as in the GaLore
+# paper's pretraining runs, rank 128 as the paper uses at this size.
+FULL_STEP_MODEL = StepModel('LLaMA-60M', 512, 1376, 8, LLAMA_VOCAB, 4, 256, 128)
+# Quick mode: 5.7M parameters. Rank 64, since every matrix side is >= 256 and a
+# rank must be smaller than the compressed side for anything to be projected.
+QUICK_STEP_MODEL = StepModel('tiny LLaMA', 256, 688, 2, 8000, 2, 128, 64)
+
+GIB = 2**30
+MIB = 2**20
+
+
+# ------------------------------------------------------------ parameters
+
+
+def llama_params(d_model: int, ffn: int, layers: int, vocab: int = LLAMA_VOCAB,
+                 dtype: Any = jnp.float32) -> dict:
+  """Abstract parameters of a LLaMA decoder in Flax ``(in, out)`` layout.
+
+  Per layer: attention q, k, v, o (``d x d``), SwiGLU gate and up
+  (``d x ffn``) and down (``ffn x d``), two RMSNorm weights; plus the token
+  embedding, the final RMSNorm and an untied output head (``d x vocab``).
+  One list entry per layer rather than a stacked ``(L, m, n)`` array, so
+  the optimizers see the leaves a PyTorch LLaMA has.
+  """
+  shape = lambda *dims: jax.ShapeDtypeStruct(dims, dtype)
+  layer = lambda: {
+      'attn': {name: shape(d_model, d_model) for name in 'qkvo'},
+      'mlp': {'gate': shape(d_model, ffn), 'up': shape(d_model, ffn),
+              'down': shape(ffn, d_model)},
+      'attn_norm': shape(d_model),
+      'mlp_norm': shape(d_model),
+  }
+  return {
+      'embed': shape(vocab, d_model),
+      'layers': [layer() for _ in range(layers)],
+      'final_norm': shape(d_model),
+      'lm_head': shape(d_model, vocab),
+  }
+
+
+def parameter_count(params) -> int:
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def millions(count: int) -> str:
+  if count >= 1e9:
+    return f'{count / 1e9:.2f}B'
+  return f'{count / 1e6:.1f}M'
+
+
+# -------------------------------------------------- 1. optimizer state
+
+
+@dataclasses.dataclass(frozen=True)
+class StateOptimizer:
+  """One row of the state table: a label and how to build the optimizer."""
+
+  label: str
+  build: Callable[[int], Any]  # rank -> optimizer with an ``init``
+  uses_rank: bool = True
+  plotted: bool = True
+
+
+def state_optimizers() -> list[StateOptimizer]:
+  """The optimizers of the state table, baselines first.
+
+  Every Adam here is `optax.adamw` (``optax.adam`` has the same state: the
+  decoupled decay keeps none), so the accumulation and compression rows
+  differ from the AdamW row only by what they add.
+  """
+  lr = LEARNING_RATE
+  k = ACCUMULATION_STEPS
+  return [
+      StateOptimizer('optax.adamw', lambda r: optax.adamw(lr), uses_rank=False),
+      StateOptimizer('optax.adafactor', lambda r: optax.adafactor(lr),
+                     uses_rank=False),
+      StateOptimizer(f'optax.MultiSteps(adamw, {k})',
+                     lambda r: optax.MultiSteps(optax.adamw(lr), k),
+                     uses_rank=False),
+      StateOptimizer('flora_jax.flora', lambda r: flora_jax.flora(lr, rank=r)),
+      StateOptimizer('flora_jax.flora, bf16 momentum',
+                     lambda r: flora_jax.flora(
+                         lr, rank=r, momentum_dtype=jnp.bfloat16)),
+      StateOptimizer(f'flora_jax.FloraMultiSteps(adamw, {k})',
+                     lambda r: flora_jax.FloraMultiSteps(
+                         optax.adamw(lr), k, rank=r)),
+      StateOptimizer('chain(flora_compress, adamw)',
+                     lambda r: optax.chain(flora_jax.flora_compress(r),
+                                           optax.adamw(lr))),
+      StateOptimizer('flora_jax.galore', lambda r: flora_jax.galore(lr, rank=r)),
+      StateOptimizer('flora_jax.fira', lambda r: flora_jax.fira(lr, rank=r)),
+      StateOptimizer('optax.contrib.galore',
+                     lambda r: optax.contrib.galore(lr, rank=r)),
+      # The choices optax.contrib.galore makes, in this library; not plotted
+      # (it lies on the optax.contrib.galore line).
+      StateOptimizer("flora_jax.galore, side='larger', max_aspect_ratio=None",
+                     lambda r: flora_jax.galore(lr, rank=r, side='larger',
+                                                max_aspect_ratio=None),
+                     plotted=False),
+  ]
+
+
+def state_size(optimizer, params) -> int:
+  """Bytes of ``optimizer.init(params)``, from shapes alone."""
+  return flora_jax.state_bytes(jax.eval_shape(optimizer.init, params))
+
+
+def measure_states(models, ranks) -> dict:
+  """``{(label, rank or None, model): bytes}`` for every table cell."""
+  sizes = {}
+  for model in models:
+    params = llama_params(*LLAMA_SHAPES[model])
+    for spec in state_optimizers():
+      for rank in (ranks if spec.uses_rank else (None,)):
+        sizes[spec.label, rank, model] = state_size(spec.build(rank), params)
+  return sizes
+
+
+def percent(part: float, whole: float) -> str:
+  share = 100 * part / whole
+  return f'{share:.2f}%' if share < 1 else f'{share:.1f}%'
+
+
+def state_table(sizes, models, ranks) -> str:
+  header_cells = []
+  for model in models:
+    count = parameter_count(llama_params(*LLAMA_SHAPES[model]))
+    header_cells.append(f'{model} ({millions(count)} params)')
+  lines = [
+      '| optimizer | rank | ' + ' | '.join(header_cells) + ' |',
+      '|---|---|' + '---|' * len(models),
+  ]
+  for spec in state_optimizers():
+    for rank in (ranks if spec.uses_rank else (None,)):
+      cells = []
+      for model in models:
+        size = sizes[spec.label, rank, model]
+        adamw = sizes['optax.adamw', None, model]
+        cells.append(f'{size / GIB:.3f} GiB ({percent(size, adamw)})')
+      rank_cell = str(rank) if rank else '–'
+      lines.append(f'| {spec.label} | {rank_cell} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+STATE_NOTES = """\
+Notes on the state table:
+
+* Parameters are float32; "% of AdamW" is of `optax.adamw`'s state (two
+  float32 moments per parameter, i.e. twice the parameter bytes).
+* `chain(flora_compress, adamw)` saves nothing: the compressor only changes
+  the gradient AdamW sees, AdamW still keeps full-size moments. The savers
+  are `flora` (compressed momentum) and `FloraMultiSteps` (compressed
+  accumulator: compare it with `optax.MultiSteps`, whose accumulator is a
+  full gradient copy).
+* A matrix is projected only if the rank is smaller than its compressed
+  side, its smaller side is at least 128 and its aspect ratio at most 4
+  (`flora_jax.ProjectionRule` defaults). Embedding and head (vocab x d) are
+  never projected by this library's defaults, so at small sizes they
+  dominate its state; at rank 512 no matrix of the 60M model (d = 512) is
+  projected and the `flora_jax` rows equal their exact fallbacks.
+* `flora_jax.galore` / `fira` compress the smaller axis, as the reference
+  GaLore does (moments on the larger axis). `optax.contrib.galore`
+  compresses the larger axis of every 2-D leaf, embeddings and head
+  included, so its moments are smaller; it also clamps the rank to the
+  matrix and still stores a projector when nothing is saved (at rank 512
+  its 512 x 512 projector plus two 512 x 512 moments are more than Adam's).
+  `side='larger', max_aspect_ratio=None` makes this library take the same
+  choices (the same arrays plus a key and a counter, 12 bytes, wherever the
+  rank is below the compressed side; where it is not, this library keeps
+  exact Adam and no projector, so it needs less).
+* `fira` stores GaLore's state plus one float per projected matrix (the
+  norm-growth limiter's previous norm)."""
+
+
+# ---------------------------------------------------- 2. train step memory
+
+
+def rms_norm(x, weight, eps=1e-6):
+  """LLaMA's RMSNorm, statistics in float32."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (normed * weight).astype(x.dtype)
+
+
+def rotary(x):
+  """RoPE on ``(batch, seq, heads, head_dim)``, half-split convention."""
+  seq, dim = x.shape[1], x.shape[-1]
+  freqs = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]
+  cos = jnp.cos(angles)[None, :, None, :]
+  sin = jnp.sin(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def attention(params, x):
+  """Causal multi-head self-attention with RoPE, heads of 64."""
+  batch, seq, d_model = x.shape
+  heads = d_model // HEAD_DIM
+  split = lambda t: t.reshape(batch, seq, heads, HEAD_DIM)
+  q = rotary(split(x @ params['q']))
+  k = rotary(split(x @ params['k']))
+  v = split(x @ params['v'])
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(HEAD_DIM)
+  causal = jnp.tril(jnp.ones((seq, seq), bool))
+  scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+  weights = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, seq, d_model)
+  return out @ params['o']
+
+
+def swiglu(params, x):
+  """LLaMA's gated MLP: ``(silu(x W_gate) * x W_up) W_down``."""
+  return (jax.nn.silu(x @ params['gate']) * (x @ params['up'])) @ params['down']
+
+
+def lm_loss(params, tokens):
+  """Mean next-token cross-entropy of a pre-norm LLaMA decoder."""
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  x = jnp.take(params['embed'], inputs, axis=0)
+  for layer in params['layers']:
+    x = x + attention(layer['attn'], rms_norm(x, layer['attn_norm']))
+    x = x + swiglu(layer['mlp'], rms_norm(x, layer['mlp_norm']))
+  logits = rms_norm(x, params['final_norm']) @ params['lm_head']
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets).mean()
+
+
+def train_step_fn(optimizer) -> Callable:
+  """Forward, backward, optimizer update and parameter update, one call."""
+  def step(params, opt_state, tokens):
+    loss, grads = jax.value_and_grad(lm_loss)(params, tokens)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
+
+
+def step_optimizers(rank: int, quick: bool) -> dict:
+  """The optimizers whose train step is compiled."""
+  lr = LEARNING_RATE
+  optimizers = {
+      # No state: what forward, backward and a plain update need on their
+      # own, the floor every optimizer's peak is compared against.
+      'optax.sgd (no state)': optax.sgd(lr),
+      'optax.adamw': optax.adamw(lr),
+      'flora_jax.flora': flora_jax.flora(lr, rank=rank),
+      'flora_jax.fira': flora_jax.fira(lr, rank=rank),
+  }
+  if not quick:
+    optimizers['flora_jax.galore'] = flora_jax.galore(lr, rank=rank)
+    optimizers['optax.contrib.galore'] = optax.contrib.galore(lr, rank=rank)
+  return optimizers
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+  params: int
+  opt_state: int
+  argument: int
+  output: int
+  alias: int
+  temp: int
+  compile_seconds: float
+
+  @property
+  def persistent(self) -> int:
+    return self.params + self.opt_state
+
+  @property
+  def peak(self) -> int:
+    return self.argument + self.output - self.alias + self.temp
+
+
+def compile_step_memory(model: StepModel, optimizer) -> StepMemory:
+  """Compiles (never runs) one donated train step and reads XLA's sizes."""
+  params = llama_params(model.d_model, model.ffn, model.layers, model.vocab)
+  opt_state = jax.eval_shape(optimizer.init, params)
+  tokens = jax.ShapeDtypeStruct((model.batch, model.seq_len + 1), jnp.int32)
+  step = jax.jit(train_step_fn(optimizer), donate_argnums=(0, 1))
+  start = time.perf_counter()
+  compiled = step.lower(params, opt_state, tokens).compile()
+  seconds = time.perf_counter() - start
+  stats = compiled.memory_analysis()
+  if stats is None:
+    raise RuntimeError(
+        f'{jax.default_backend()} gives no memory_analysis() for compiled code.')
+  return StepMemory(
+      params=flora_jax.state_bytes(params),
+      opt_state=flora_jax.state_bytes(opt_state),
+      argument=stats.argument_size_in_bytes,
+      output=stats.output_size_in_bytes,
+      alias=stats.alias_size_in_bytes,
+      temp=stats.temp_size_in_bytes,
+      compile_seconds=seconds,
+  )
+
+
+def step_table(results: dict) -> str:
+  adamw_peak = results['optax.adamw'].peak
+  lines = [
+      '| optimizer | params | opt state | persistent (params + state) '
+      '| arguments | outputs | aliased | temporaries | peak estimate '
+      '| peak vs AdamW |',
+      '|---|' + '---:|' * 9,
+  ]
+  for label, m in results.items():
+    cells = [m.params, m.opt_state, m.persistent, m.argument, m.output,
+             m.alias, m.temp, m.peak]
+    lines.append(
+        f'| {label} | ' + ' | '.join(f'{c / MIB:,.1f}' for c in cells)
+        + f' | {percent(m.peak, adamw_peak)} |')
+  return '\n'.join(lines)
+
+
+def step_notes(model: StepModel) -> str:
+  params = llama_params(model.d_model, model.ffn, model.layers, model.vocab)
+  return f"""\
+Train step: {model.name} (d {model.d_model}, ffn {model.ffn}, {model.layers} \
+layers, {model.d_model // HEAD_DIM} heads, vocab {model.vocab}; \
+{millions(parameter_count(params))} float32 parameters, float32 compute), \
+batch {model.batch} x {model.seq_len} tokens, rank {model.rank}. Sizes in MiB.
+Peak estimate = arguments + outputs - aliased + temporaries (parameters and
+optimizer state are donated, so the new ones are written in place and counted
+once). Persistent = what stays allocated between steps; the rest of the peak
+is the step's temporaries (activations saved for the backward pass, the
+gradients, optimizer intermediates; GaLore/Fira's SVD refresh branch is
+compiled into every step and counts, LAPACK's own workspace does not).
+Temporaries depend on the backend's fusion and scheduling: on CPU, XLA_FLAGS=
+--xla_cpu_enable_concurrency_optimized_scheduler=false (a sequential,
+memory-leaner schedule) gives different ones; read them per backend."""
+
+
+# ------------------------------------------------------------------- plots
+
+
+def plotted_state_optimizers() -> list[StateOptimizer]:
+  return [spec for spec in state_optimizers() if spec.plotted]
+
+
+def draw_curves(ax, xs, curves: dict) -> None:
+  """One line per optimizer; a line on top of an earlier one is dotted.
+
+  GaLore and Fira have the same state up to a few bytes, and the compressor
+  in front of AdamW has AdamW's: those lines would hide each other, so the
+  later one is drawn dotted and its legend names the one it covers.
+  """
+  markers = 'osD^v<>xP*h'
+  drawn = {}
+  for (label, ys), marker in zip(curves.items(), markers):
+    same_as = next((other for other, other_ys in drawn.items()
+                    if np.allclose(ys, other_ys, rtol=1e-3)), None)
+    if same_as is None:
+      ax.plot(xs, ys, '-', marker=marker, label=label)
+    else:
+      ax.plot(xs, ys, ':', marker=marker, markersize=4, linewidth=2.5,
+              label=f'{label} (= {same_as})')
+    drawn[label] = ys
+
+
+def plot_state_vs_model(sizes, models, rank, path) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(9, 5))
+  curves = {}
+  for spec in plotted_state_optimizers():
+    r = rank if spec.uses_rank else None
+    curves[spec.label] = [
+        100 * sizes[spec.label, r, m] / sizes['optax.adamw', None, m]
+        for m in models]
+  draw_curves(ax, models, curves)
+  ax.set_yscale('log')
+  ax.set_xlabel('LLaMA model size (float32 parameters)')
+  ax.set_ylabel('optimizer state, % of optax.adamw (log scale)')
+  ax.set_title(f'Optimizer-state memory relative to AdamW, rank {rank}')
+  ax.grid(True, which='both', alpha=0.3)
+  ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_state_vs_rank(sizes, model, ranks, path) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(9, 5))
+  curves = {
+      spec.label: [sizes[spec.label, r if spec.uses_rank else None, model]
+                   / GIB for r in ranks]
+      for spec in plotted_state_optimizers()
+  }
+  draw_curves(ax, ranks, curves)
+  ax.set_xscale('log', base=2)
+  ax.set_xticks(ranks, [str(r) for r in ranks])
+  ax.set_xlabel('rank')
+  ax.set_ylabel('optimizer state (GiB)')
+  ax.set_title(f'Optimizer-state bytes vs rank, LLaMA-{model} shapes, float32')
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_step_memory(results, model: StepModel, path) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  labels = list(results)
+  parts = {
+      'parameters': [results[l].params for l in labels],
+      'optimizer state': [results[l].opt_state for l in labels],
+      'temporaries': [results[l].temp for l in labels],
+      # Outputs that did not reuse a donated buffer, plus the tokens.
+      'other (non-aliased outputs, batch)': [
+          results[l].peak - results[l].persistent - results[l].temp
+          for l in labels],
+  }
+  fig, ax = plt.subplots(figsize=(9, 5))
+  bottom = np.zeros(len(labels))
+  largest = max(m.peak for m in results.values()) / MIB
+  for name, values in parts.items():
+    values = np.asarray(values, float) / MIB
+    if values.max() < 0.002 * largest:  # e.g. the tokens: invisible anyway
+      continue
+    ax.bar(labels, values, bottom=bottom, label=name)
+    bottom += values
+  for x, total in enumerate(bottom):
+    ax.annotate(f'{total:,.0f}', (x, total), ha='center', va='bottom',
+                fontsize=8)
+  ax.margins(y=0.08)
+  ax.set_ylabel('MiB')
+  ax.set_title(f'Compiled train-step peak estimate, {model.name}, '
+               f'rank {model.rank} ({jax.default_backend()})')
+  plt.setp(ax.get_xticklabels(), rotation=20, ha='right')
+  ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# -------------------------------------------------------------------- main
+
+
+def environment() -> str:
+  """Versions and device, printed above the figures they produced."""
+  device = jax.devices()[0]
+  text = (
+      f'jax {jax.__version__}, jaxlib {importlib.metadata.version("jaxlib")}, '
+      f'optax {optax.__version__}, flora_jax {flora_jax.__version__}, '
+      f'numpy {np.__version__}, Python {platform.python_version()}; '
+      f'backend {jax.default_backend()}, device {device.device_kind} '
+      f'x{jax.device_count()}, {os.cpu_count()} CPU cores'
+  )
+  # Scheduler flags change the compiled temporaries, so they are part of the
+  # provenance of section 2.
+  if os.environ.get('XLA_FLAGS'):
+    text += f'; XLA_FLAGS={os.environ["XLA_FLAGS"]}'
+  return text + (
+      '.\nSection 1 is shapes only (the same on any device); section 2 is'
+      " what this backend's compiler assigns.")
+
+
+def require_matplotlib() -> None:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError as err:
+    raise SystemExit(
+        'The plots need matplotlib: pip install -e ".[benchmarks]".') from err
+  matplotlib.use('Agg')  # files only; never needs a display
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true',
+                      help='small sizes for CI: finishes in seconds')
+  parser.add_argument('--out', type=pathlib.Path, default=None,
+                      help='folder for the PNGs and memory.md (default '
+                      'benchmarks/results, or benchmarks/results/quick)')
+  parser.add_argument('--models', nargs='+', choices=tuple(LLAMA_SHAPES),
+                      help='state table model sizes')
+  parser.add_argument('--ranks', nargs='+', type=int,
+                      help='state table ranks')
+  parser.add_argument('--skip-step', action='store_true',
+                      help='only the state table (no compilation)')
+  args = parser.parse_args(argv)
+  require_matplotlib()  # before minutes of work, not after
+
+  models = args.models or (QUICK_MODELS if args.quick else FULL_MODELS)
+  ranks = tuple(sorted(args.ranks or (QUICK_RANKS if args.quick else FULL_RANKS)))
+  out = args.out or pathlib.Path(__file__).parent / (
+      'results/quick' if args.quick else 'results')
+  out.mkdir(parents=True, exist_ok=True)
+  step_model = QUICK_STEP_MODEL if args.quick else FULL_STEP_MODEL
+  start = time.perf_counter()
+
+  report = []
+
+  def emit(text=''):
+    print(text, flush=True)
+    report.append(text)
+
+  emit(f'# Memory benchmark{" (--quick)" if args.quick else ""}\n')
+  emit(environment() + '\n')
+
+  emit('## 1. Optimizer-state bytes (`jax.eval_shape(tx.init, params)`)\n')
+  sizes = measure_states(models, ranks)
+  emit(state_table(sizes, models, ranks) + '\n')
+  emit(STATE_NOTES + '\n')
+
+  plot_rank = PLOT_RANK if PLOT_RANK in ranks else ranks[0]
+  sweep_model = RANK_SWEEP_MODEL if RANK_SWEEP_MODEL in models else models[-1]
+  pngs = [out / f'state_vs_model_size_rank{plot_rank}.png',
+          out / f'state_vs_rank_{sweep_model}.png']
+  plot_state_vs_model(sizes, models, plot_rank, pngs[0])
+  plot_state_vs_rank(sizes, sweep_model, ranks, pngs[1])
+
+  if not args.skip_step:
+    emit('## 2. Compiled train-step memory '
+         '(`jit(step).lower(...).compile().memory_analysis()`)\n')
+    results = {}
+    for label, optimizer in step_optimizers(step_model.rank, args.quick).items():
+      results[label] = compile_step_memory(step_model, optimizer)
+      print(f'  compiled {label} in {results[label].compile_seconds:.1f} s',
+            file=sys.stderr, flush=True)
+    emit(step_table(results) + '\n')
+    emit(step_notes(step_model) + '\n')
+    pngs.append(out / 'train_step_memory.png')
+    plot_step_memory(results, step_model, pngs[-1])
+
+  emit(f'Wall time {time.perf_counter() - start:.1f} s.')
+  (out / 'memory.md').write_text('\n'.join(report) + '\n')
+  print('Wrote ' + ', '.join(str(p) for p in pngs + [out / 'memory.md']))
+
+
+if __name__ == '__main__':
+  main()
