@@ -12,7 +12,7 @@ Run::
 
   python -m flora_jax.datasets fetch                  # once
   python benchmarks/benchmark_lm_quality.py --quick   # about a minute (CI)
-  python benchmarks/benchmark_lm_quality.py           # ~15 min on 2 cores
+  python benchmarks/benchmark_lm_quality.py           # ~12 min on 2 cores
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main():
   parser = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--steps', type=int, default=1000)
+  parser.add_argument('--steps', type=int, default=600)
   parser.add_argument('--seeds', type=int, default=2)
   parser.add_argument('--lr', type=float, default=2e-3)
   parser.add_argument('--period', type=int, default=200)
