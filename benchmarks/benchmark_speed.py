@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import time
 from typing import Callable, Optional
@@ -215,6 +216,35 @@ def ratio(t: float, base: float) -> str:
   return f'{t / base:.2f}x'
 
 
+def plot(periods, steady, refresh, step, period, out):
+  """Bars of the amortized update and train-step ratios."""
+  try:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print('(no plot: pip install -e ".[benchmarks]")')
+    return
+  names = list(periods)
+  update = [
+      (steady[n] + (refresh[n] - steady[n]) / period if periods[n]
+       else steady[n]) / steady['adamw'] for n in names]
+  train = [step[n] / step['adamw'] for n in names]
+  fig, ax = plt.subplots(figsize=(8, 4))
+  x = range(len(names))
+  ax.bar([i - 0.2 for i in x], update, 0.4, label='update (amortized)')
+  ax.bar([i + 0.2 for i in x], train, 0.4, label='train step')
+  ax.axhline(1.0, color='gray', lw=0.8)
+  ax.set_xticks(list(x), names, rotation=30, ha='right')
+  ax.set_ylabel('time / AdamW')
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, 'speed.png')
+  fig.savefig(path, dpi=120)
+  print(f'plot: {path}')
+
+
 def main():
   parser = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
@@ -229,6 +259,8 @@ def main():
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--quick', action='store_true', help='smoke test (CI)')
   parser.add_argument('--no-torch', action='store_true')
+  parser.add_argument('--out', default=os.path.join(
+      os.path.dirname(__file__), 'results'), help='where the PNG goes')
   args = parser.parse_args()
   if args.quick:
     args.d_model, args.d_ffn, args.layers = 128, 344, 1
@@ -259,6 +291,7 @@ def main():
           f' {amortized_cell} | {ratio(step[name], step["adamw"])} |')
   print(f'\nAdamW: update {1e3 * base:.2f} ms, train step'
         f' {1e3 * step["adamw"]:.2f} ms (the unit of every ratio).')
+  plot(periods, steady, refresh, step, args.period, args.out)
 
   if not args.no_torch:
     result, about = bench_torch(shapes, args.rank, args.period, args.rounds)
