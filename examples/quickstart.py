@@ -44,11 +44,6 @@ except ImportError as err:  # tqdm is an optional dependency of the library.
 # ------------------------------------------------------------------- data
 
 
-def load_stdlib_corpus(max_bytes: int) -> np.ndarray:
-  """The standard library's ``.py`` sources as bytes (`flora_jax.datasets`)."""
-  return datasets.stdlib_corpus(max_bytes)
-
-
 def train_batches(data: np.ndarray, steps: int, batch_size: int,
                   seq_len: int, seed: int):
   """Yields ``steps`` batches of random windows, ``int32[batch, seq_len + 1]``."""
@@ -371,7 +366,7 @@ def main():
   args = parse_args()
   cfg = ModelConfig()
 
-  corpus = load_stdlib_corpus(int(args.corpus_mb * 2**20))
+  corpus = datasets.stdlib_corpus(int(args.corpus_mb * 2**20))
   # The last files in sorted order are held out, not random windows: the
   # validation text is never seen in training.
   split = int(len(corpus) * 0.95)

@@ -76,6 +76,12 @@ class History:
   state_bytes: int = 0
 
 
+def checkpoint_tree(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
+  """What a checkpoint holds: the model's and the optimizer's state."""
+  return {'model': nnx.to_pure_dict(nnx.state(model)),
+          'optimizer': nnx.to_pure_dict(nnx.state(optimizer))}
+
+
 def train(args: argparse.Namespace, *, progress: bool = True) -> History:
   """Trains (or resumes) one run; returns its loss curves."""
   cfg = quickstart.ModelConfig()
@@ -97,10 +103,9 @@ def train(args: argparse.Namespace, *, progress: bool = True) -> History:
             save_interval_steps=args.checkpoint_every, max_to_keep=2))
     if manager.latest_step() is not None:
       start = manager.latest_step()
-      template = {'model': nnx.to_pure_dict(nnx.state(model)),
-                  'optimizer': nnx.to_pure_dict(nnx.state(optimizer))}
       restored = manager.restore(start, args=ocp.args.StandardRestore(
-          jax.tree.map(ocp.utils.to_shape_dtype_struct, template)))
+          jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                       checkpoint_tree(model, optimizer))))
       nnx.replace_by_pure_dict(state := nnx.state(model), restored['model'])
       nnx.update(model, state)
       nnx.replace_by_pure_dict(state := nnx.state(optimizer),
@@ -130,10 +135,9 @@ def train(args: argparse.Namespace, *, progress: bool = True) -> History:
       history.eval_steps.append(step + 1)
       history.eval_loss.append(float(np.mean(
           [quickstart.eval_step(model, b) for b in val_batches])))
-    if manager is not None:
-      manager.save(step + 1, args=ocp.args.StandardSave({
-          'model': nnx.to_pure_dict(nnx.state(model)),
-          'optimizer': nnx.to_pure_dict(nnx.state(optimizer))}))
+    if manager is not None and manager.should_save(step + 1):
+      manager.save(step + 1, args=ocp.args.StandardSave(
+          checkpoint_tree(model, optimizer)))
   if manager is not None:
     manager.wait_until_finished()
     manager.close()

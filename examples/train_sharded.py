@@ -47,7 +47,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import flora_jax
-import quickstart  # the model, loss and corpus of examples/quickstart.py
+from flora_jax import datasets
+import quickstart  # the model, loss and batching of examples/quickstart.py
 
 # Where each parameter lives, by its '/'-joined path (first match wins).
 # Column-parallel matrices split their outputs along 'model', row-parallel
@@ -188,7 +189,7 @@ def main():
   mesh = jax.make_mesh((2, 4), ('data', 'model'),
                        axis_types=(AxisType.Auto,) * 2)
   cfg = quickstart.ModelConfig()
-  corpus = quickstart.load_stdlib_corpus(2**20)
+  corpus = datasets.stdlib_corpus(2**20)
   batches = list(quickstart.train_batches(corpus, args.steps, args.batch_size,
                                           cfg.seq_len, seed=0))
   root = args.checkpoint_dir or tempfile.mkdtemp(prefix='train_sharded_')
