@@ -1,93 +1,111 @@
-"""flora_jax: memory-efficient training methods as composable optax transforms."""
+"""flora_jax: memory-efficient training methods as composable optax transforms.
 
-from flora_jax.accumulation import FloraMultiSteps
-from flora_jax.accumulation import FloraMultiStepsState
-from flora_jax.flora import flora
-from flora_jax.flora import flora_compress
-from flora_jax.flora import FloraCompressState
-from flora_jax.flora import FloraMomentumState
-from flora_jax.flora import scale_by_flora_momentum
-from flora_jax.galore import fira
-from flora_jax.galore import galore
-from flora_jax.galore import GaLoreState
-from flora_jax.galore import limit_norm_growth
-from flora_jax.galore import LimitNormGrowthState
-from flora_jax.galore import scale_by_adam_hf
-from flora_jax.galore import scale_by_fira
-from flora_jax.galore import scale_by_galore
-from flora_jax.lora import add_lora
-from flora_jax.lora import apply_lora_delta
-from flora_jax.lora import lora_delta
-from flora_jax.lora import lora_ga_init
-from flora_jax.lora import lora_scale
-from flora_jax.lora import LoRADelta
-from flora_jax.lora import LoRAInitialFactor
-from flora_jax.lora import merge_lora
-from flora_jax.lora import ScaledLoRA
-from flora_jax.lora import ScaledLoRAEmbed
-from flora_jax.lora import unmerge_lora
-from flora_jax.lora_plus import is_bias_or_norm
-from flora_jax.lora_plus import lora_plus
-from flora_jax.lora_plus import lora_plus_labels
-from flora_jax.projection import canonicalize_signs
-from flora_jax.projection import change_basis
-from flora_jax.projection import gaussian_projector
-from flora_jax.projection import LeafPlan
-from flora_jax.projection import path_mask
-from flora_jax.projection import project_down
-from flora_jax.projection import project_up
-from flora_jax.projection import ProjectionRule
-from flora_jax.projection import randomized_projector
-from flora_jax.projection import state_bytes
-from flora_jax.projection import svd_projector
-from flora_jax.sharding import apply_shardings
-from flora_jax.sharding import state_partition_specs
-from flora_jax.sharding import state_shardings
+The top level holds the optimizers, the transforms they are built from,
+their states, the projection settings and the sharding helpers. Primitives
+for building new projecting methods are in `flora_jax.projections`, memory
+measurement in `flora_jax.memory`, and the Flax NNX pieces (LoRA, LoRA-GA,
+LoRA+ labels) in `flora_jax.nnx`, the only part that needs flax.
+"""
 
-__version__ = '0.1.0'
+import importlib as _importlib
+import warnings as _warnings
+
+from flora_jax import memory
+from flora_jax import projections
+from flora_jax._src.accumulation import FloraMultiSteps
+from flora_jax._src.accumulation import FloraMultiStepsState
+from flora_jax._src.adam_hf import scale_by_adam_hf
+from flora_jax._src.alias import fira
+from flora_jax._src.alias import flora
+from flora_jax._src.alias import galore
+from flora_jax._src.fira import FiraResidual
+from flora_jax._src.fira import limit_norm_growth
+from flora_jax._src.fira import LimitNormGrowthState
+from flora_jax._src.flora import flora_compress
+from flora_jax._src.flora import FloraCompressState
+from flora_jax._src.flora import FloraMomentumState
+from flora_jax._src.flora import scale_by_flora_momentum
+from flora_jax._src.lora_plus import lora_plus
+from flora_jax._src.projection import path_mask
+from flora_jax._src.projection import ProjectionRule
+from flora_jax._src.sharding import apply_shardings
+from flora_jax._src.sharding import state_partition_specs
+from flora_jax._src.sharding import state_shardings
+from flora_jax._src.subspace import GaLoreState
+from flora_jax._src.subspace import scale_by_fira
+from flora_jax._src.subspace import scale_by_galore
+
+__version__ = '0.2.0'
 
 __all__ = (
+    'FiraResidual',
     'FloraCompressState',
     'FloraMomentumState',
     'FloraMultiSteps',
     'FloraMultiStepsState',
     'GaLoreState',
-    'LeafPlan',
     'LimitNormGrowthState',
-    'LoRADelta',
-    'LoRAInitialFactor',
     'ProjectionRule',
-    'ScaledLoRA',
-    'ScaledLoRAEmbed',
-    'add_lora',
     'apply_shardings',
-    'apply_lora_delta',
-    'canonicalize_signs',
-    'change_basis',
     'fira',
     'flora',
     'flora_compress',
     'galore',
-    'gaussian_projector',
-    'is_bias_or_norm',
     'limit_norm_growth',
-    'lora_delta',
-    'lora_ga_init',
     'lora_plus',
-    'lora_plus_labels',
-    'lora_scale',
-    'merge_lora',
+    'memory',
     'path_mask',
-    'project_down',
-    'project_up',
-    'randomized_projector',
+    'projections',
     'scale_by_adam_hf',
     'scale_by_fira',
     'scale_by_flora_momentum',
     'scale_by_galore',
-    'state_bytes',
     'state_partition_specs',
     'state_shardings',
-    'svd_projector',
-    'unmerge_lora',
 )
+
+# Names of 0.1 that moved, kept for one release: old name -> (module, name).
+_MOVED = {
+    'LeafPlan': ('flora_jax.projections', 'LeafPlan'),
+    'canonicalize_signs': ('flora_jax.projections', 'canonicalize_signs'),
+    'change_basis': ('flora_jax.projections', 'change_basis'),
+    'gaussian_projector': ('flora_jax.projections', 'gaussian_projector'),
+    'project_down': ('flora_jax.projections', 'project_down'),
+    'project_up': ('flora_jax.projections', 'project_up'),
+    'randomized_projector': ('flora_jax.projections', 'randomized_projector'),
+    'svd_projector': ('flora_jax.projections', 'svd_projector'),
+    'state_bytes': ('flora_jax.memory', 'state_bytes'),
+    'LoRADelta': ('flora_jax.nnx', 'LoRADelta'),
+    'LoRAInitialFactor': ('flora_jax.nnx', 'LoRAInitialFactor'),
+    'ScaledLoRA': ('flora_jax.nnx', 'ScaledLoRA'),
+    'ScaledLoRAEmbed': ('flora_jax.nnx', 'ScaledLoRAEmbed'),
+    'add_lora': ('flora_jax.nnx', 'add_lora'),
+    'apply_lora_delta': ('flora_jax.nnx', 'apply_lora_delta'),
+    'is_bias_or_norm': ('flora_jax.nnx', 'is_bias_or_norm'),
+    'lora_delta': ('flora_jax.nnx', 'lora_delta'),
+    'lora_ga_init': ('flora_jax.nnx', 'lora_ga_init'),
+    'lora_plus_labels': ('flora_jax.nnx', 'lora_plus_labels'),
+    'lora_scale': ('flora_jax.nnx', 'lora_scale'),
+    'merge_lora': ('flora_jax.nnx', 'merge_lora'),
+    'unmerge_lora': ('flora_jax.nnx', 'unmerge_lora'),
+}
+
+
+def __getattr__(name: str):
+  if name == 'nnx':  # imported on first use: it needs flax
+    return _importlib.import_module('flora_jax.nnx')
+  if name in _MOVED:
+    module, attribute = _MOVED[name]
+    _warnings.warn(
+        f'flora_jax.{name} is deprecated: use {module}.{attribute}.',
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(_importlib.import_module(module), attribute)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  # The supported names only. `nnx` is not in __all__: a star import must
+  # not need flax.
+  return sorted(__all__ + ('nnx',))

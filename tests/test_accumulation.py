@@ -25,8 +25,9 @@ import optax
 import pytest
 
 import flora_jax
-from flora_jax import projection
-from flora_jax.projection import ProjectionRule
+from flora_jax import projections
+from flora_jax._src import keys
+from flora_jax import ProjectionRule
 
 M, N = 16, 24  # a projected matrix: auto side 'left', sketch (R, N).
 R = 4
@@ -171,7 +172,7 @@ def _warm_eager_projectors():
   key = jax.random.key(0)
   for plan in jax.tree.leaves(_rule().plan({**_params(), **_stacked_params()})):
     if plan.projected:
-      projection.random_projector(key, plan, 0).block_until_ready()
+      projections.random_projector(key, plan, 0).block_until_ready()
 
 
 @pytest.fixture(scope='module')
@@ -372,11 +373,11 @@ def test_unprojected_leaves_match_multisteps(runs, config, inner):
 
 def _expected_sgd1_update(key, plan, cycle, grads_in_cycle, k):
   """-up(Q_c, sum_i down(Q_c, G_i)) / k, from the public core functions."""
-  q = projection.random_projector(key, plan, cycle)
+  q = projections.random_projector(key, plan, cycle)
   acc = jnp.zeros(plan.low_rank_shape, jnp.float32)
   for g in grads_in_cycle:
-    acc = acc + projection.project_down(q, g, plan.side)
-  return -(projection.project_up(q, acc, plan.side) / k)
+    acc = acc + projections.project_down(q, g, plan.side)
+  return -(projections.project_up(q, acc, plan.side) / k)
 
 
 def test_projected_update_is_up_of_summed_sketch_per_cycle(runs):
@@ -401,16 +402,16 @@ def test_projected_update_is_up_of_summed_sketch_per_cycle(runs):
         u['b'], -sum(g['b'] for g in cycle_grads) / k, rtol=1e-6, atol=1e-7
     )
     # Mid-cycle the state holds exactly sum_i down(Q_c, G_i).
-    q = projection.random_projector(key, plan, cycle)
+    q = projections.random_projector(key, plan, cycle)
     np.testing.assert_allclose(
         run.states[step - 1].acc_sketch['w'],
-        sum(projection.project_down(q, g['w'], 'left') for g in cycle_grads[:2]),
+        sum(projections.project_down(q, g['w'], 'left') for g in cycle_grads[:2]),
         rtol=1e-5, atol=1e-5,
     )
 
   # A new projection per cycle.
-  q0 = projection.random_projector(key, plan, 0)
-  q1 = projection.random_projector(key, plan, 1)
+  q0 = projections.random_projector(key, plan, 0)
+  q1 = projections.random_projector(key, plan, 1)
   assert q0.shape == (M, R)
   assert not np.allclose(q0, q1)
   # Cycle 1's update is not explained by cycle 0's projector.
@@ -505,17 +506,17 @@ def test_state_bytes_formula_and_smaller_than_multisteps(capsys):
   assert state.acc_sketch['b'].shape == (n,)
   assert ref_state.acc_grads['w'].shape == (m, n)
 
-  inner_bytes = flora_jax.state_bytes(jax.eval_shape(inner.init, params))
+  inner_bytes = flora_jax.memory.state_bytes(jax.eval_shape(inner.init, params))
   assert inner_bytes == 4 + 2 * (m * n + n) * 4  # adam: count, mu, nu
-  assert flora_jax.state_bytes(state.inner_opt_state) == inner_bytes
-  assert flora_jax.state_bytes(state.acc_sketch['w']) == r * max(m, n) * 4
-  assert flora_jax.state_bytes(ref_state.acc_grads['w']) == m * n * 4
-  acc_bytes = flora_jax.state_bytes(state.acc_sketch)
+  assert flora_jax.memory.state_bytes(state.inner_opt_state) == inner_bytes
+  assert flora_jax.memory.state_bytes(state.acc_sketch['w']) == r * max(m, n) * 4
+  assert flora_jax.memory.state_bytes(ref_state.acc_grads['w']) == m * n * 4
+  acc_bytes = flora_jax.memory.state_bytes(state.acc_sketch)
   assert acc_bytes == r * max(m, n) * 4 + n * 4
-  assert flora_jax.state_bytes(state.key) == 8  # typed threefry key
-  total = flora_jax.state_bytes(state)
+  assert flora_jax.memory.state_bytes(state.key) == 8  # typed threefry key
+  total = flora_jax.memory.state_bytes(state)
   assert total == inner_bytes + acc_bytes + 4 + 4 + 8
-  ref_total = flora_jax.state_bytes(ref_state)
+  ref_total = flora_jax.memory.state_bytes(ref_state)
   assert ref_total == inner_bytes + (m * n + n) * 4 + 4 + 4
   assert total < ref_total
   assert ref_total - total == (m * n - r * max(m, n)) * 4 - 8
@@ -532,7 +533,7 @@ def test_state_bytes_right_side_and_accumulator_dtype():
   state = jax.eval_shape(tx.init, params)
   assert state.acc_sketch['w'].shape == (m, r)
   assert state.acc_sketch['w'].dtype == jnp.bfloat16
-  assert flora_jax.state_bytes(state) == r * max(m, n) * 2 + 4 + 4 + 8
+  assert flora_jax.memory.state_bytes(state) == r * max(m, n) * 2 + 4 + 4 + 8
 
 
 # ---------------------------------------------------------- 6. stacked
@@ -554,20 +555,20 @@ def test_stacked_leaves_sketch_shape_and_per_slice_projectors(runs):
     step = (cycle + 1) * k - 1
     u = run.updates[step]['t']
     grads = [g['t'] for g in run.scenario.grads[cycle * k:step + 1]]
-    q = projection.random_projector(key, plan, cycle)
+    q = projections.random_projector(key, plan, cycle)
     assert q.shape == (L, M, R)
     for i in range(L):
       for j in range(i + 1, L):
         assert not np.allclose(q[i], q[j])
     for l in range(L):
       # Slice l is compressed with its own Q[l], independently ...
-      acc = sum(projection.project_down(q[l], g[l], 'right') for g in grads)
-      expected = -projection.project_up(q[l], acc, 'right') / k
+      acc = sum(projections.project_down(q[l], g[l], 'right') for g in grads)
+      expected = -projections.project_up(q[l], acc, 'right') / k
       np.testing.assert_allclose(u[l], expected, rtol=1e-5, atol=1e-6)
       # ... and not with the projector of another slice.
       other = q[(l + 1) % L]
-      acc = sum(projection.project_down(other, g[l], 'right') for g in grads)
-      wrong = -projection.project_up(other, acc, 'right') / k
+      acc = sum(projections.project_down(other, g[l], 'right') for g in grads)
+      wrong = -projections.project_up(other, acc, 'right') / k
       assert not np.allclose(u[l], wrong, atol=1e-3)
     # The mid-cycle sketch has the stacked low-rank shape.
     assert run.states[step - 1].acc_sketch['t'].shape == (L, N, R)

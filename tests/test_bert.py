@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import flora_jax
-from flora_jax import bert
+from flora_jax_examples import bert
 
 
 def _why_no_minilm():
@@ -187,7 +187,7 @@ def test_lora_targets_attention_layers():
   ids, mask, _ = _small_inputs()
   model = _small_model()
   before = model(jnp.asarray(ids), jnp.asarray(mask))
-  paths = flora_jax.add_lora(
+  paths = flora_jax.nnx.add_lora(
       model, r'layers/\d+/attention/(query|value)', rank=2,
       rngs=nnx.Rngs(1),
   )
@@ -209,7 +209,7 @@ def test_classifier_fine_tunes_adapters_and_head_only():
   encoder = _small_model()
   model = bert.BertClassifier(encoder, num_classes=2, rngs=nnx.Rngs(2))
   assert model.encoder is encoder
-  flora_jax.add_lora(model, r'encoder/layers/\d+/attention/(query|value)',
+  flora_jax.nnx.add_lora(model, r'encoder/layers/\d+/attention/(query|value)',
                      rank=2, rngs=nnx.Rngs(3))
   frozen = np.asarray(encoder.layers[0].intermediate.kernel[...])
   wrt = nnx.Any(nnx.LoRAParam, nnx.PathContains('head'))

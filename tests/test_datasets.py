@@ -1,7 +1,7 @@
 """flora_jax.datasets: checksums, fetch errors, splits and the real loaders.
 
 The real-data tests skip when the archives are not in the cache; fetch them
-with ``python -m flora_jax.datasets fetch``. Everything else runs offline
+with ``python -m flora_jax_examples.datasets fetch``. Everything else runs offline
 on fake archives in a temporary cache.
 """
 
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from flora_jax import datasets
+from flora_jax_examples import datasets
 
 
 def _present(source):
@@ -23,7 +23,7 @@ def _present(source):
 def _skip_unless_fetched(source):
   return pytest.mark.skipif(
       not _present(source),
-      reason=f'{source.name} not fetched: python -m flora_jax.datasets fetch'
+      reason=f'{source.name} not fetched: python -m flora_jax_examples.datasets fetch'
       f' {source.name}',
   )
 
@@ -51,7 +51,7 @@ def test_missing_archive_names_the_fetch_command(empty_cache, load, source):
   with pytest.raises(FileNotFoundError) as error:
     load()
   message = str(error.value)
-  assert f'python -m flora_jax.datasets fetch {source.name}' in message
+  assert f'python -m flora_jax_examples.datasets fetch {source.name}' in message
   pip = ' '.join(['python', '-m', 'pip', *source.pip_args, '-d',
                   str(empty_cache)])
   assert pip in message

@@ -7,7 +7,8 @@ import optax
 import pytest
 
 import flora_jax
-from flora_jax import projection
+from flora_jax import projections
+from flora_jax._src import keys
 
 SMALL = dict(min_dim=8)  # let the small test matrices be projected
 
@@ -30,7 +31,7 @@ def _grads(step, dtype=jnp.float32):
 
 
 def _plan(tree, path, **rule):
-  plans = projection.ProjectionRule(**rule).plan(tree)
+  plans = flora_jax.ProjectionRule(**rule).plan(tree)
   return {p.path: p for p in jax.tree.leaves(plans)}[path]
 
 
@@ -59,7 +60,7 @@ def test_compress_with_sgd_is_a_lora_step_with_frozen_random_factor(name):
   flora_w = w0 + updates
 
   plan = _plan(w0, '', rank=rank, **SMALL)
-  q = projection.random_projector(state[0].key, plan, 0)
+  q = projections.random_projector(state[0].key, plan, 0)
   if plan.side == 'left':  # W + Q B with B: (r, n) trainable, starting at 0
     lora_w = lambda b: w0 + q @ b
     b0 = jnp.zeros((rank, n))
@@ -221,7 +222,7 @@ def test_momentum_state_shapes_dtypes_and_bytes():
         jnp.dtype(dtype)}
     numbers = 4 * 32 + 32 * 16 + 3 * 4 * 24 + 32 + 100 * 16
     key_and_count = 8 + 4
-    assert flora_jax.state_bytes(state) == numbers * itemsize + key_and_count
+    assert flora_jax.memory.state_bytes(state) == numbers * itemsize + key_and_count
 
 
 def _reference_momentum(b1, kappa, key, plan, grads, transfer='paper',
@@ -230,18 +231,18 @@ def _reference_momentum(b1, kappa, key, plan, grads, transfer='paper',
   c = jnp.zeros(plan.low_rank_shape)
   outputs, norms = [], []
   for t, u in enumerate(grads):
-    q = projection.random_projector(key, plan, t // kappa)
+    q = projections.random_projector(key, plan, t // kappa)
     if t > 0 and t % kappa == 0:
-      q_old = projection.random_projector(key, plan, t // kappa - 1)
+      q_old = projections.random_projector(key, plan, t // kappa - 1)
       q_in = q if transfer == 'paper' else q_old  # published: old key twice
-      c = projection.project_down(
-          q_in, projection.project_up(q_old, c, plan.side), plan.side)
+      c = projections.project_down(
+          q_in, projections.project_up(q_old, c, plan.side), plan.side)
       if transfer == 'published':
         q = q_old  # ...then it advances the key
-        q = projection.random_projector(key, plan, t // kappa)
-    c_new = b1 * c + (1 - b1) * projection.project_down(q, u, plan.side)
+        q = projections.random_projector(key, plan, t // kappa)
+    c_new = b1 * c + (1 - b1) * projections.project_down(q, u, plan.side)
     history = c_new if nesterov else c
-    outputs.append(b1 * projection.project_up(q, history, plan.side)
+    outputs.append(b1 * projections.project_up(q, history, plan.side)
                    + (1 - b1) * u)
     norms.append(float(jnp.linalg.norm(c_new)))
     c = c_new
@@ -290,7 +291,7 @@ def test_paper_transfer_keeps_direction_and_published_transfer_collapses():
   b1, kappa, rank = 0.9, 20, 16
   g = jax.random.normal(jax.random.key(0), (256, 512))
   plan = _plan(g, '', rank=rank, **SMALL)
-  key = projection.as_prng_key(1)
+  key = keys.as_prng_key(1)
   steps = [g] * (2 * kappa)
   ours, our_norms = _reference_momentum(b1, kappa, key, plan, steps,
                                         nesterov=True)
@@ -412,7 +413,7 @@ def test_compressed_momentum_helps_a_small_mlp():
   params = {'w1': jax.random.normal(k[3], (32, 128)) / 6, 'b1': jnp.zeros(128),
             'w2': jax.random.normal(k[4], (128, 128)) / 11,
             'b2': jnp.zeros(128), 'w3': jnp.zeros((128, 8))}
-  plan = projection.ProjectionRule(rank=16, min_dim=32).plan(params)
+  plan = flora_jax.ProjectionRule(rank=16, min_dim=32).plan(params)
   assert plan['w2'].projected and plan['w1'].projected
   lr = 3e-3
   flora = {r: _train(flora_jax.flora(lr, rank=r, kappa=100, min_dim=32,

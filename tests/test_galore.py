@@ -7,7 +7,8 @@ import optax
 import pytest
 
 import flora_jax
-from flora_jax import projection
+from flora_jax import projections
+from flora_jax._src import projectors as projectors_impl
 
 SMALL = dict(min_dim=8)  # let the small test matrices be projected
 
@@ -42,14 +43,14 @@ def _run(tx, steps, params=None, grads_fn=_grads):
   return history, step
 
 
-svd_projector = jax.jit(flora_jax.svd_projector, static_argnames='plan')
+svd_projector = jax.jit(flora_jax.projections.svd_projector, static_argnames='plan')
 randomized_projector = jax.jit(
-    flora_jax.randomized_projector,
+    flora_jax.projections.randomized_projector,
     static_argnames=('plan', 'power_iterations', 'oversampling'))
 
 
 def _plan(shape, side, rank):
-  return projection.LeafPlan('w', tuple(shape), side, rank)
+  return projections.LeafPlan('w', tuple(shape), side, rank)
 
 
 def _low_rank_plus_noise(key, shape, rank, noise=0.01):
@@ -88,7 +89,7 @@ def test_canonical_signs_make_the_projector_sign_invariant():
   plan = _plan(g.shape, 'left', 5)
   flips = jnp.where(jnp.arange(5) % 2 == 0, 1.0, -1.0)
   q = svd_projector(g, plan)
-  np.testing.assert_array_equal(flora_jax.canonicalize_signs(q * flips), q)
+  np.testing.assert_array_equal(flora_jax.projections.canonicalize_signs(q * flips), q)
 
 
 @pytest.mark.parametrize('shape,side', [((256, 192), 'left'),
@@ -101,7 +102,7 @@ def test_randomized_projector_captures_the_svd_energy(shape, side):
   approx = randomized_projector(jax.random.key(4), g, plan)
 
   def energy(q):
-    return float(jnp.sum(projection.project_down(q, g, side) ** 2))
+    return float(jnp.sum(projections.project_down(q, g, side) ** 2))
 
   assert energy(approx) >= 0.95 * energy(exact)
   np.testing.assert_allclose(jnp.swapaxes(approx, -1, -2) @ approx,
@@ -123,10 +124,10 @@ def test_change_basis_equals_down_of_up():
   q_new, _ = jnp.linalg.qr(jax.random.normal(keys[1], (20, 4)))
   for side, c_shape in (('left', (4, 9)), ('right', (9, 4))):
     c = jax.random.normal(keys[2], c_shape)
-    expected = projection.project_down(
-        q_new, projection.project_up(q_old, c, side), side)
+    expected = projections.project_down(
+        q_new, projections.project_up(q_old, c, side), side)
     np.testing.assert_allclose(
-        flora_jax.change_basis(q_old, q_new, c, side), expected, atol=1e-5)
+        flora_jax.projections.change_basis(q_old, q_new, c, side), expected, atol=1e-5)
 
 
 # -------------------------------------------------------------- galore
@@ -192,8 +193,8 @@ def _counting_svd(original):
 
 
 def test_refresh_runs_only_every_T_steps_and_compiles_once(monkeypatch):
-  monkeypatch.setattr(projection, 'svd_projector',
-                      _counting_svd(projection.svd_projector))
+  monkeypatch.setattr(projectors_impl, 'svd_projector',
+                      _counting_svd(projections.svd_projector))
   _COUNTED['fits'] = 0
   tx = flora_jax.galore(1e-2, 4, update_proj_gap=3, **SMALL)
   history, step = _run(tx, 10)
@@ -257,9 +258,9 @@ def test_transfer_moments_with_trace_and_random_projector():
   step = jax.jit(tx.update)
   for t in range(2):
     _, state = step(_grads(t), state)
-  plan = projection.ProjectionRule(4, **SMALL).plan(params)['tall']
-  q_old = projection.random_projector(state.key, plan, 0)
-  q_new = projection.random_projector(state.key, plan, 1)
+  plan = flora_jax.ProjectionRule(4, **SMALL).plan(params)['tall']
+  q_old = projections.random_projector(state.key, plan, 0)
+  q_new = projections.random_projector(state.key, plan, 1)
   g = _grads(2)
   _, after = step(g, state)
   expected = (0.9 * state.inner_state.trace['tall'] @ q_old.T @ q_new
@@ -534,11 +535,11 @@ def test_state_bytes_follow_the_formula():
   moments = 2 * ((rank * 32) + (32 * rank) + 3 * (rank * 24) + 32)
   # galore count + key (2 x uint32), inner Adam count, bias-correction count.
   scalars = counts + 8 + counts + counts
-  assert flora_jax.state_bytes(state) == (
+  assert flora_jax.memory.state_bytes(state) == (
       f32 * (projectors + moments) + scalars)
   # Against the full Adam state: smaller.
   adam = jax.eval_shape(optax.adamw(1e-2).init, params)
-  assert flora_jax.state_bytes(state) < flora_jax.state_bytes(adam)
+  assert flora_jax.memory.state_bytes(state) < flora_jax.memory.state_bytes(adam)
 
 
 def test_state_bytes_against_optax_contrib_galore():
@@ -553,7 +554,7 @@ def test_state_bytes_against_optax_contrib_galore():
   flat = {'tall': jnp.zeros((32, 16)), 'wide': jnp.zeros((16, 48)),
           'square': jnp.zeros((16, 16))}
   theirs = optax.contrib.galore(1e-2, rank=rank)
-  size = lambda tx, p: flora_jax.state_bytes(jax.eval_shape(tx.init, p))
+  size = lambda tx, p: flora_jax.memory.state_bytes(jax.eval_shape(tx.init, p))
   same_side = flora_jax.galore(1e-2, rank, side='larger', adam='optax',
                                **SMALL)
   assert size(same_side, flat) == size(theirs, flat) + 8  # + our PRNG key
@@ -592,7 +593,7 @@ def test_bad_fira_arguments():
     flora_jax.galore(1e-2, adam='torch')
   with pytest.raises(TypeError, match='inner'):
     flora_jax.scale_by_galore(optax.adam, 4)
-  with pytest.raises(ValueError, match='max_growth'):
+  with pytest.raises(ValueError, match='growth_limit'):
     flora_jax.limit_norm_growth(0.9)
 
 

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import flora_jax
-from flora_jax import lora
+from flora_jax._src import lora_ga
 
 RANK = 3
 VOCAB = 32
@@ -60,7 +60,7 @@ BLOCK_LAYERS = r'blocks/\d+/(up|down)'
 def _adapted(targets=BLOCK_LAYERS, rank=RANK, **kwargs):
   base = TinyModel(nnx.Rngs(0))
   model = nnx.clone(base)
-  paths = flora_jax.add_lora(model, targets, rank, rngs=nnx.Rngs(1), **kwargs)
+  paths = flora_jax.nnx.add_lora(model, targets, rank, rngs=nnx.Rngs(1), **kwargs)
   return base, model, paths
 
 
@@ -71,8 +71,8 @@ def test_add_lora_wraps_matching_layers_and_keeps_the_output():
   base, model, paths = _adapted(BLOCK_LAYERS + '|embed')
   assert paths == ('blocks/0/down', 'blocks/0/up', 'blocks/1/down',
                    'blocks/1/up', 'embed')
-  assert isinstance(model.blocks[0].up, flora_jax.ScaledLoRA)
-  assert isinstance(model.embed, flora_jax.ScaledLoRAEmbed)
+  assert isinstance(model.blocks[0].up, flora_jax.nnx.ScaledLoRA)
+  assert isinstance(model.embed, flora_jax.nnx.ScaledLoRAEmbed)
   assert isinstance(model.head, nnx.Linear)
   factors = nnx.state(model, nnx.LoRAParam)
   assert factors['blocks'][0]['up']['lora_a'].shape == (12, RANK)
@@ -119,11 +119,11 @@ def test_merge_and_unmerge_round_trip():
   tokens = _batch(0)[0]
   before = model(tokens)
   kernel = np.asarray(model.blocks[1].down.base_module.kernel[...])
-  flora_jax.merge_lora(model)
+  flora_jax.nnx.merge_lora(model)
   assert model.blocks[1].down.merged
   assert not np.allclose(model.blocks[1].down.base_module.kernel[...], kernel)
   np.testing.assert_allclose(model(tokens), before, rtol=1e-5, atol=1e-5)
-  flora_jax.unmerge_lora(model)
+  flora_jax.nnx.unmerge_lora(model)
   np.testing.assert_allclose(model.blocks[1].down.base_module.kernel[...],
                              kernel, atol=1e-6)
   np.testing.assert_allclose(model(tokens), before, rtol=1e-5, atol=1e-5)
@@ -152,7 +152,7 @@ def _best_rank(g, k):
 def lora_ga_model():
   base, model, _ = _adapted(alpha=6.0, rslora=True)
   batches = [_batch(s) for s in range(3)]
-  spectra = flora_jax.lora_ga_init(model, _loss, iter(batches))
+  spectra = flora_jax.nnx.lora_ga_init(model, _loss, iter(batches))
   return base, model, batches, spectra
 
 
@@ -202,7 +202,7 @@ def _one_sgd_step_weight_change(model, batch, lr):
   return changes
 
 
-@pytest.mark.parametrize('direction', flora_jax.lora.DIRECTIONS)
+@pytest.mark.parametrize('direction', ['ArB2r', 'A2rBr', 'ArBr', 'random'])
 def test_first_sgd_step_is_the_best_rank_2r_gradient_step(direction):
   """The paper's claim: after one SGD step of learning rate eta,
   s(A'B' - AB) = -eta s^2 c^2 G_2r + eta^2 s^3 G B^T A^T G, exactly; the
@@ -210,7 +210,7 @@ def test_first_sgd_step_is_the_best_rank_2r_gradient_step(direction):
   singular pairs, so all of them give G_2r."""
   base, model, _ = _adapted(alpha=6.0)
   batch = _batch(11, n=64)
-  flora_jax.lora_ga_init(model, _loss, [batch], direction=direction)
+  flora_jax.nnx.lora_ga_init(model, _loss, [batch], direction=direction)
   grads = _kernel_gradients(base, [batch])
   for lr in (1e-1, 1e-4):
     changes = _one_sgd_step_weight_change(model, batch, lr)
@@ -229,14 +229,14 @@ def test_first_sgd_step_is_the_best_rank_2r_gradient_step(direction):
 
 def test_lora_ga_scales_and_shape_of_the_offset():
   base, model, _ = _adapted()
-  flora_jax.lora_ga_init(model, _loss, [_batch(0)], scale='unit')
+  flora_jax.nnx.lora_ga_init(model, _loss, [_batch(0)], scale='unit')
   a = model.blocks[0].up.lora_a[...]
   np.testing.assert_allclose(a.T @ a, np.eye(RANK), atol=1e-5)
   offset = base.blocks[0].up.kernel[...] - model.blocks[0].up.base_module.kernel[...]
   np.testing.assert_allclose(offset, a @ model.blocks[0].up.lora_b[...],
                              atol=1e-6)
   _, model, _ = _adapted()
-  flora_jax.lora_ga_init(model, _loss, [_batch(0)], scale=0.5)
+  flora_jax.nnx.lora_ga_init(model, _loss, [_batch(0)], scale=0.5)
   a = model.blocks[0].up.lora_a[...]
   np.testing.assert_allclose(a.T @ a, 0.25 * np.eye(RANK), atol=1e-5)
 
@@ -253,7 +253,7 @@ def test_gradient_estimate_streams_one_accumulator_per_weight(monkeypatch):
       yielded.append(seed)
       yield _batch(seed)
 
-  original = lora._accumulate_gradient
+  original = lora_ga._accumulate_gradient
   calls = []
 
   def spy(total, *args):
@@ -263,9 +263,9 @@ def test_gradient_estimate_streams_one_accumulator_per_weight(monkeypatch):
     assert all(x.is_deleted() for x in leaves)  # donated
     return out
 
-  monkeypatch.setattr(lora, '_accumulate_gradient', spy)
+  monkeypatch.setattr(lora_ga, '_accumulate_gradient', spy)
   compiled_before = original._cache_size()
-  flora_jax.lora_ga_init(model, _loss, batches())
+  flora_jax.nnx.lora_ga_init(model, _loss, batches())
   assert [n for n, _ in calls] == [1, 2, 3, 4]
   kernel_shapes = sorted([(12, 20), (20, 12)] * 2)
   assert all(sorted(shapes) == kernel_shapes for _, shapes in calls)
@@ -275,31 +275,31 @@ def test_gradient_estimate_streams_one_accumulator_per_weight(monkeypatch):
 def test_export_applies_to_the_untouched_base_model():
   """Train after LoRA-GA, export, add the delta to the ORIGINAL weights."""
   base, model, _ = _adapted(alpha=6.0)
-  flora_jax.lora_ga_init(model, _loss, [_batch(s) for s in range(2)])
+  flora_jax.nnx.lora_ga_init(model, _loss, [_batch(s) for s in range(2)])
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
   diff = nnx.DiffState(0, nnx.LoRAParam)
   for step in range(5):
     optimizer.update(model, nnx.grad(_loss, argnums=diff)(model, _batch(step)))
-  deltas = flora_jax.lora_delta(model)
+  deltas = flora_jax.nnx.lora_delta(model)
   assert deltas['blocks/0/up'].a.shape == (12, 2 * RANK)  # [A, -A0]
   restored = nnx.clone(base)
-  flora_jax.apply_lora_delta(restored, deltas)
+  flora_jax.nnx.apply_lora_delta(restored, deltas)
   tokens = _batch(9)[0]
   np.testing.assert_allclose(restored(tokens), model(tokens), rtol=1e-5,
                              atol=1e-5)
   assert not np.allclose(base(tokens), model(tokens), atol=1e-3)
-  flora_jax.merge_lora(model)  # merging does not change the export
-  for name, delta in flora_jax.lora_delta(model).items():
+  flora_jax.nnx.merge_lora(model)  # merging does not change the export
+  for name, delta in flora_jax.nnx.lora_delta(model).items():
     np.testing.assert_allclose(delta.dense(), deltas[name].dense(), atol=1e-6)
 
 
 def test_plain_adapters_export_their_product():
   base, model, _ = _adapted('head', rank=2, alpha=4.0)
   model.head.lora_b[...] = jnp.ones((2, OUT))
-  delta = flora_jax.lora_delta(model)['head']
+  delta = flora_jax.nnx.lora_delta(model)['head']
   np.testing.assert_allclose(delta.dense(),
                              2.0 * model.head.lora_a[...] @ jnp.ones((2, OUT)))
-  flora_jax.apply_lora_delta(base, {'head': delta})
+  flora_jax.nnx.apply_lora_delta(base, {'head': delta})
   tokens = _batch(1)[0]
   np.testing.assert_allclose(base(tokens), model(tokens), rtol=1e-5, atol=1e-6)
 
@@ -310,31 +310,31 @@ def test_plain_adapters_export_their_product():
 def test_bad_inputs_are_refused_with_the_offending_layer():
   model = TinyModel(nnx.Rngs(0))
   with pytest.raises(ValueError, match=r'rank 13 exceeds layer blocks/0/'):
-    flora_jax.add_lora(model, BLOCK_LAYERS, 13, rngs=nnx.Rngs(1))
+    flora_jax.nnx.add_lora(model, BLOCK_LAYERS, 13, rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match=r"match no nnx.Linear.*'head'"):
-    flora_jax.add_lora(model, 'attention/.*', 2, rngs=nnx.Rngs(1))
+    flora_jax.nnx.add_lora(model, 'attention/.*', 2, rngs=nnx.Rngs(1))
   with pytest.raises(TypeError, match='targets'):
-    flora_jax.add_lora(model, 3, 2, rngs=nnx.Rngs(1))
+    flora_jax.nnx.add_lora(model, 3, 2, rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match='rank'):
-    flora_jax.add_lora(model, 'head', 0, rngs=nnx.Rngs(1))
-  flora_jax.add_lora(model, 'head', 2, rngs=nnx.Rngs(1))
+    flora_jax.nnx.add_lora(model, 'head', 0, rngs=nnx.Rngs(1))
+  flora_jax.nnx.add_lora(model, 'head', 2, rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match='head already has a LoRA adapter'):
-    flora_jax.add_lora(model, 'head', 2, rngs=nnx.Rngs(1))
+    flora_jax.nnx.add_lora(model, 'head', 2, rngs=nnx.Rngs(1))
 
 
 def test_bad_lora_ga_inputs():
   _, model, _ = _adapted()
   with pytest.raises(ValueError, match='batches yielded no batch'):
-    flora_jax.lora_ga_init(model, _loss, iter([]))
+    flora_jax.nnx.lora_ga_init(model, _loss, iter([]))
   with pytest.raises(ValueError, match='direction'):
-    flora_jax.lora_ga_init(model, _loss, [_batch(0)], direction='BrA2r')
+    flora_jax.nnx.lora_ga_init(model, _loss, [_batch(0)], direction='BrA2r')
   with pytest.raises(ValueError, match='scale'):
-    flora_jax.lora_ga_init(model, _loss, [_batch(0)], scale=-1.0)
+    flora_jax.nnx.lora_ga_init(model, _loss, [_batch(0)], scale=-1.0)
   _, wide, _ = _adapted(rank=7)  # 2r = 14 > 12
   with pytest.raises(ValueError, match=r'blocks/0/down .* 2r = 14'):
-    flora_jax.lora_ga_init(wide, _loss, [_batch(0)])
+    flora_jax.nnx.lora_ga_init(wide, _loss, [_batch(0)])
   with pytest.raises(ValueError, match='no adapters'):
-    flora_jax.lora_ga_init(TinyModel(nnx.Rngs(0)), _loss, [_batch(0)])
+    flora_jax.nnx.lora_ga_init(TinyModel(nnx.Rngs(0)), _loss, [_batch(0)])
   with pytest.raises(ValueError, match='not an nnx.Linear'):
-    flora_jax.apply_lora_delta(TinyModel(nnx.Rngs(0)), {
-        'blocks/0': lora.LoRADelta(jnp.ones((12, 1)), jnp.ones((1, 20)), 1.0)})
+    flora_jax.nnx.apply_lora_delta(TinyModel(nnx.Rngs(0)), {
+        'blocks/0': flora_jax.nnx.LoRADelta(jnp.ones((12, 1)), jnp.ones((1, 20)), 1.0)})

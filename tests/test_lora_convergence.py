@@ -134,10 +134,10 @@ def _loss_curves(seed):
   curves = {}
   for method in ('LoRA', 'LoRA-GA', 'LoRA+'):
     model = nnx.clone(base)
-    flora_jax.add_lora(model, 'hidden1|hidden2|head', RANK,
+    flora_jax.nnx.add_lora(model, 'hidden1|hidden2|head', RANK,
                        rngs=nnx.Rngs(3000 + seed))
     if method == 'LoRA-GA':
-      flora_jax.lora_ga_init(model, _cross_entropy, lora_ga_batches)
+      flora_jax.nnx.lora_ga_init(model, _cross_entropy, lora_ga_batches)
     curves[method] = _train_in_place(
         model, nnx.LoRAParam, 'lora_plus' if method == 'LoRA+' else 'adamw',
         LEARNING_RATE, jax.random.key(2000 + seed), rotated, STEPS)

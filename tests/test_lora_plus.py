@@ -26,7 +26,7 @@ class Classifier(nnx.Module):
 
 def _model():
   model = Classifier(nnx.Rngs(0))
-  flora_jax.add_lora(model, 'hidden|embed', 2, rngs=nnx.Rngs(1))
+  flora_jax.nnx.add_lora(model, 'hidden|embed', 2, rngs=nnx.Rngs(1))
   return model
 
 
@@ -38,7 +38,7 @@ TRAIN_HEAD_AND_NORM = lambda path, _: path.startswith(('head', 'norm'))
 
 
 def test_group_membership_follows_the_official_grouping():
-  labels = flora_jax.lora_plus_labels(nnx.state(_model(), nnx.Param),
+  labels = flora_jax.nnx.lora_plus_labels(nnx.state(_model(), nnx.Param),
                                       trainable=TRAIN_HEAD_AND_NORM)
   flat = {'/'.join(map(str, path)): label
           for path, label in jax.tree.leaves_with_path(labels)
@@ -57,7 +57,7 @@ def test_group_membership_follows_the_official_grouping():
       'norm/scale': 'lora_b_no_decay',
   }
   # Without `trainable`, only the factors are trained.
-  labels = flora_jax.lora_plus_labels(nnx.state(_model(), nnx.Param))
+  labels = flora_jax.nnx.lora_plus_labels(nnx.state(_model(), nnx.Param))
   assert jax.tree.leaves(labels).count('frozen') == 7
 
 
@@ -112,8 +112,8 @@ def test_ratio_one_is_adamw_bit_for_bit():
                                   trainable=everything),
               params, _gradients(params))
   decay_mask = jax.tree.map_with_path(
-      lambda p, _: not flora_jax.is_bias_or_norm(
-          flora_jax.projection.path_string(p), None), params)
+      lambda p, _: not flora_jax.nnx.is_bias_or_norm(
+          jax.tree_util.keystr(p, simple=True, separator='/'), None), params)
   theirs = _run(optax.adamw(SCHEDULE, weight_decay=0.1, mask=decay_mask),
                 params, _gradients(params))
   for a, b in zip(ours, theirs):

@@ -8,8 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flora_jax import projection
-from flora_jax.projection import LeafPlan, ProjectionRule
+from flora_jax import projections
+from flora_jax._src import keys
+import flora_jax
+from flora_jax import ProjectionRule
+from flora_jax.projections import LeafPlan
 
 
 def _plans(rule, tree):
@@ -75,7 +78,7 @@ def test_masks_pytree_prefix_callable_and_path_mask():
   as_callable = lambda t: {'enc': True, 'dec': False}
   assert projected(ProjectionRule(4, min_dim=8, mask=as_callable)) == [
       "['enc']['w']"]
-  by_path = projection.path_mask(lambda path, x: path.startswith('dec/'))
+  by_path = flora_jax.path_mask(lambda path, x: path.startswith('dec/'))
   assert by_path(tree) == {'enc': {'w': False, 'b': False}, 'dec': {'w': True}}
   assert projected(ProjectionRule(4, min_dim=8, mask=by_path)) == [
       "['dec']['w']"]
@@ -117,11 +120,11 @@ def test_bad_rule_arguments(kwargs, error):
 
 
 def test_all_key_forms_give_the_same_typed_key():
-  typed = projection.as_prng_key(7)
+  typed = keys.as_prng_key(7)
   assert jnp.issubdtype(typed.dtype, jax.dtypes.prng_key)
   for form in (jax.random.key(7), jax.random.PRNGKey(7), jnp.asarray(7)):
     np.testing.assert_array_equal(
-        jax.random.key_data(projection.as_prng_key(form)),
+        jax.random.key_data(keys.as_prng_key(form)),
         jax.random.key_data(typed),
     )
 
@@ -132,26 +135,26 @@ def test_all_key_forms_give_the_same_typed_key():
 )
 def test_invalid_keys_are_refused(bad):
   with pytest.raises((TypeError, ValueError), match='key'):
-    projection.as_prng_key(bad)
+    keys.as_prng_key(bad)
 
 
 def test_projection_keys_depend_on_path_and_index_only():
   key = jax.random.key(0)
   data = lambda k: tuple(np.asarray(jax.random.key_data(k)))
-  a0 = data(projection.projection_key(key, "['a']", 0))
-  assert a0 == data(projection.projection_key(key, "['a']", 0))
-  assert a0 != data(projection.projection_key(key, "['a']", 1))
-  assert a0 != data(projection.projection_key(key, "['b']", 0))
+  a0 = data(projections.projection_key(key, "['a']", 0))
+  assert a0 == data(projections.projection_key(key, "['a']", 0))
+  assert a0 != data(projections.projection_key(key, "['a']", 1))
+  assert a0 != data(projections.projection_key(key, "['b']", 0))
   # crc32, unlike hash(), is the same in every process and on every host.
-  assert projection.path_id("['a']") == zlib.crc32(b"['a']")
+  assert keys.path_id("['a']") == zlib.crc32(b"['a']")
 
 
 # ------------------------------------------------------------ projectors
 
 
 def _compress_decompress(key, g, plan):
-  q = projection.gaussian_projector(key, plan)
-  return projection.project_up(q, projection.project_down(q, g, plan.side),
+  q = projections.gaussian_projector(key, plan)
+  return projections.project_up(q, projections.project_down(q, g, plan.side),
                                plan.side)
 
 
@@ -189,20 +192,20 @@ def test_one_draw_inflates_the_norm_by_about_sqrt_dim_over_rank():
 
 def test_stacked_slices_get_independent_projectors_and_batched_maps():
   plan = ProjectionRule(rank=3, min_dim=1).leaf_plan('w', (4, 8, 10))
-  q = projection.gaussian_projector(jax.random.key(0), plan)
+  q = projections.gaussian_projector(jax.random.key(0), plan)
   assert q.shape == (4, 8, 3)
   assert not np.allclose(q[0], q[1])
   x = jax.random.normal(jax.random.key(1), (4, 8, 10))
-  down = projection.project_down(q, x, 'left')
-  up = projection.project_up(q, down, 'left')
+  down = projections.project_down(q, x, 'left')
+  up = projections.project_up(q, down, 'left')
   for i in range(4):
     np.testing.assert_allclose(down[i], q[i].T @ x[i], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(up[i], q[i] @ (q[i].T @ x[i]), rtol=1e-5,
                                atol=1e-5)
   q_right = jax.random.normal(jax.random.key(2), (4, 10, 3))
   np.testing.assert_allclose(
-      projection.project_up(q_right,
-                            projection.project_down(q_right, x, 'right'),
+      projections.project_up(q_right,
+                            projections.project_down(q_right, x, 'right'),
                             'right')[2],
       x[2] @ q_right[2] @ q_right[2].T, rtol=1e-5, atol=1e-5)
 
@@ -210,5 +213,5 @@ def test_stacked_slices_get_independent_projectors_and_batched_maps():
 def test_state_bytes_counts_arrays_and_keys():
   tree = {'a': jnp.zeros((3, 4), jnp.float32), 'b': jnp.zeros(5, jnp.bfloat16),
           'k': jax.random.key(0), 'n': jnp.zeros([], jnp.int32)}
-  assert projection.state_bytes(tree) == 48 + 10 + 8 + 4
-  assert projection.state_bytes(jax.eval_shape(lambda: tree)) == 70
+  assert flora_jax.memory.state_bytes(tree) == 48 + 10 + 8 + 4
+  assert flora_jax.memory.state_bytes(jax.eval_shape(lambda: tree)) == 70

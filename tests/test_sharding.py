@@ -10,7 +10,7 @@ its own (without it these tests skip); `.ci/run` runs:
       python -m pytest -p no:xdist tests/test_sharding.py
 
 The second flag lets a GaLore refresh stay a real `lax.cond` on simulated
-devices (see `flora_jax._compat.cond`); without it the refresh is computed
+devices (see `flora_jax._src.compat.cond`); without it the refresh is computed
 at every step and selected, which the last test checks.
 """
 
@@ -407,7 +407,7 @@ def test_refresh_is_selected_without_the_sequential_scheduler(monkeypatch):
   mesh = _mesh()
   grads = [_grads(t) for t in range(3)]
   programs, results = {}, {}
-  for flags in ('', flora_jax._compat.SEQUENTIAL_CPU_SCHEDULER):
+  for flags in ('', flora_jax._src.compat.SEQUENTIAL_CPU_SCHEDULER):
     monkeypatch.setenv(
         'XLA_FLAGS', f'--xla_force_host_platform_device_count=8 {flags}')
     tx = TRANSFORMS['galore']()
@@ -420,6 +420,6 @@ def test_refresh_is_selected_without_the_sequential_scheduler(monkeypatch):
       results[flags] = _run(tx, params, [_put(g, mesh) for g in grads],
                             step)[0]
   assert 'conditional' not in programs['']
-  assert 'conditional' in programs[flora_jax._compat.SEQUENTIAL_CPU_SCHEDULER]
+  assert 'conditional' in programs[flora_jax._src.compat.SEQUENTIAL_CPU_SCHEDULER]
   for a, b in zip(*(jax.tree.leaves(r) for r in results.values())):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Callable
 from typing import Any, Optional
 
 import jax
 import optax
 
-from flora_jax import projection
-from flora_jax._validation import may_be_nonzero
+from flora_jax._src import tree_util
+from flora_jax._src import validation
 
 PathPredicate = Callable[[str, Any], bool]
 
@@ -68,10 +67,10 @@ def lora_plus_labels(
   Raises:
     ValueError: ``params`` holds no LoRA factor.
   """
-  params = projection.unwrap_variables(params)
+  params = tree_util.unwrap_variables(params)
 
   def label(key_path, leaf):
-    path = projection.path_string(key_path)
+    path = tree_util.path_string(key_path)
     name = path.rsplit('/', 1)[-1]
     if name in _A_NAMES:
       return A_FACTORS
@@ -88,7 +87,7 @@ def lora_plus_labels(
   labels = jax.tree.map_with_path(label, params)
   names = _A_NAMES + _B_NAMES + _EMBEDDING_NAMES
   if not any(
-      projection.path_string(key_path).rsplit('/', 1)[-1] in names
+      tree_util.path_string(key_path).rsplit('/', 1)[-1] in names
       for key_path, _ in jax.tree.leaves_with_path(params)
   ):
     raise ValueError(
@@ -159,11 +158,16 @@ def lora_plus(
       learning rate); none on biases and norms.
     max_grad_norm: clip the global norm of the trainable gradients first;
       None for no clipping.
-    b1, b2, eps: Adam's, used when ``scale_by`` is None.
+    b1: Adam's β1, used when ``scale_by`` is None.
+    b2: Adam's β2, used when ``scale_by`` is None.
+    eps: Adam's ε, used when ``scale_by`` is None.
     scale_by: the optimizer's direction, any optax transform (e.g.
       `optax.scale_by_lion`, `flora_jax.scale_by_adam_hf`,
       `optax.identity` for SGD); default `optax.scale_by_adam`.
-    trainable, no_decay: see `lora_plus_labels`.
+    trainable: which non-LoRA leaves are trained too, see
+      `flora_jax.nnx.lora_plus_labels`.
+    no_decay: which trainable 1-D leaves get no weight decay, see
+      `flora_jax.nnx.lora_plus_labels`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -176,21 +180,12 @@ def lora_plus(
   References:
     Hayou, Ghosh, Yu, 2024, https://arxiv.org/abs/2402.12354
   """
-  if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not (
-      ratio > 0
-  ):
-    raise ValueError(f'ratio must be a positive number, got {ratio!r}.')
-  if max_grad_norm is not None and not max_grad_norm > 0:
-    raise ValueError(
-        f'max_grad_norm must be None or positive, got {max_grad_norm!r}.'
-    )
+  validation.check_positive_number('ratio', ratio)
+  validation.check_positive_number('max_grad_norm', max_grad_norm,
+                                   optional=True)
   if scale_by is None:
     scale_by = optax.scale_by_adam(b1, b2, eps)
-  elif not isinstance(scale_by, optax.GradientTransformation):
-    raise TypeError(
-        'scale_by must be an optax.GradientTransformation such as'
-        f' optax.scale_by_adam(), got {scale_by!r}.'
-    )
+  validation.check_transformation('scale_by', scale_by)
 
   labels = functools.partial(
       lora_plus_labels, trainable=trainable, no_decay=no_decay
@@ -204,7 +199,7 @@ def lora_plus(
     chain.append(optax.masked(optax.clip_by_global_norm(max_grad_norm),
                               trained))
   chain.append(optax.masked(scale_by, trained))
-  if may_be_nonzero(weight_decay):
+  if validation.may_be_nonzero(weight_decay):
     decayed = in_groups(A_FACTORS, B_FACTORS, EMBEDDING)
     chain.append(optax.masked(optax.add_decayed_weights(weight_decay),
                               decayed))

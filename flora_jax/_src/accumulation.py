@@ -8,10 +8,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flora_jax import _compat
-from flora_jax import _validation
-from flora_jax import projection
-from flora_jax.projection import MaskOrFn, PRNGKeyLike, Side
+from flora_jax._src import compat
+from flora_jax._src import deprecation
+from flora_jax._src import keys
+from flora_jax._src import projectors
+from flora_jax._src import validation
+from flora_jax._src.projection import ProjectionRule
 
 
 class FloraMultiStepsState(NamedTuple):
@@ -49,55 +51,43 @@ class FloraMultiSteps:
     opt: the inner optimizer, applied once per cycle.
     every_k_schedule: the number of micro-batches per cycle, an int or a
       function of the number of completed cycles returning one.
-    rank: projection rank r of the accumulator.
+    rule: which leaves have a compressed accumulator, on which side and at
+      which rank: a `flora_jax.ProjectionRule`, or an int r for
+      ``ProjectionRule(r)``.
     key: an int seed, a typed key or a raw uint32 key.
     use_grad_mean: pass the mean (True) or the sum (False) of the cycle's
       gradients to the inner optimizer.
     accumulator_dtype: dtype of the stored sketch; None means float32.
-    side, min_dim, max_aspect_ratio, mask: which leaves are compressed, see
-      `flora_jax.ProjectionRule`.
 
   Example:
     >>> import optax, flora_jax
-    >>> tx = flora_jax.FloraMultiSteps(optax.adamw(1e-3), 8, rank=64)
+    >>> tx = flora_jax.FloraMultiSteps(optax.adamw(1e-3), 8, rule=64)
 
   References:
     Hao, Cao & Mou, 2024, Algorithm 1, https://arxiv.org/abs/2402.03293
   """
 
+  @deprecation.flat_projection_arguments
   def __init__(
       self,
       opt: optax.GradientTransformation,
       every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
+      rule: Union[ProjectionRule, int],
       *,
-      rank: int,
-      key: PRNGKeyLike = 0,
+      key: keys.PRNGKeyLike = 0,
       use_grad_mean: bool = True,
       accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
-      side: Side = 'auto',
-      min_dim: int = 128,
-      max_aspect_ratio: Optional[float] = 4.0,
-      mask: MaskOrFn = None,
   ):
-    if not isinstance(opt, optax.GradientTransformation):
-      raise TypeError(
-          f'opt must be an optax.GradientTransformation, got {type(opt)}.'
-      )
+    validation.check_transformation('opt', opt)
     if not callable(every_k_schedule):
-      _validation.check_positive_int('every_k_schedule', every_k_schedule)
-    projection.check_key_argument(key)
+      validation.check_positive_int('every_k_schedule', every_k_schedule)
+    validation.check_key('key', key)
     self._opt = optax.with_extra_args_support(opt)
     self._every_k = every_k_schedule
-    self._rule = projection.ProjectionRule(
-        rank=rank,
-        side=side,
-        min_dim=min_dim,
-        max_aspect_ratio=max_aspect_ratio,
-        mask=mask,
-    )
+    self._rule = ProjectionRule.of(rule)
     self._key = key
     self._use_grad_mean = use_grad_mean
-    self._accumulator_dtype = _validation.check_float_dtype(
+    self._accumulator_dtype = validation.check_float_dtype(
         'accumulator_dtype', accumulator_dtype
     )
 
@@ -115,7 +105,7 @@ class FloraMultiSteps:
     return FloraMultiStepsState(
         mini_step=jnp.zeros([], jnp.int32),
         gradient_step=jnp.zeros([], jnp.int32),
-        key=projection.as_prng_key(self._key),
+        key=keys.as_prng_key(self._key),
         inner_opt_state=self._opt.init(params),
         acc_sketch=jax.tree.map(
             lambda plan: jnp.zeros(plan.low_rank_shape, self._accumulator_dtype),
@@ -130,29 +120,24 @@ class FloraMultiSteps:
       params: Optional[optax.Params] = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, FloraMultiStepsState]:
-    _validation.check_updates_match_params(updates, params)
-    _validation.check_same_paths(updates, state.acc_sketch, 'the accumulator')
+    validation.check_updates_match_params(updates, params)
+    validation.check_same_paths(updates, state.acc_sketch, 'the accumulator')
     plans = self._rule.plan(updates)
     cycle = state.gradient_step
     k = self._cycle_length(cycle)
     # Drawn once per step: the same projectors compress now and, at the end
     # of the cycle, decompress.
-    projectors = {
-        plan.path: projection.random_projector(state.key, plan, cycle)
+    drawn = {
+        plan.path: projectors.random_projector(state.key, plan, cycle)
         for plan in jax.tree.leaves(plans)
         if plan.projected
     }
 
     def accumulate(plan, g, acc):
-      if acc.shape != plan.low_rank_shape:
-        raise ValueError(
-            f'Update at {plan.path} has shape {plan.shape}, which needs an'
-            f' accumulator of shape {plan.low_rank_shape}, but the state holds'
-            f' {acc.shape}.'
-        )
+      validation.check_state_shape(plan, acc, 'an accumulator')
       g32 = g.astype(jnp.float32)
       if plan.projected:
-        g32 = projection.project_down(projectors[plan.path], g32, plan.side)
+        g32 = projectors.project_down(drawn[plan.path], g32, plan.side)
       return (acc.astype(jnp.float32) + g32).astype(self._accumulator_dtype)
 
     acc = jax.tree.map(accumulate, plans, updates, state.acc_sketch)
@@ -160,7 +145,7 @@ class FloraMultiSteps:
     def decompress(plan, g, a):
       a = a.astype(jnp.float32)
       if plan.projected:
-        a = projection.project_up(projectors[plan.path], a, plan.side)
+        a = projectors.project_up(drawn[plan.path], a, plan.side)
       if self._use_grad_mean:
         a = a / k
       return a.astype(g.dtype)
@@ -195,7 +180,7 @@ class FloraMultiSteps:
           cycle,
       )
 
-    new_updates, inner_state, acc, mini_step, cycle = _compat.cond(
+    new_updates, inner_state, acc, mini_step, cycle = compat.cond(
         state.mini_step >= k - 1, emit, hold, None
     )
     return new_updates, FloraMultiStepsState(

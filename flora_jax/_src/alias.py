@@ -1,0 +1,353 @@
+"""The optimizers: `flora`, `galore` and `fira`, each an `optax.chain`.
+
+Each alias takes its projection settings as flat keyword arguments (``rank``,
+``side``, ``min_dim``, ``max_aspect_ratio``, ``projection_mask``) and builds
+the `ProjectionRule` that the ``scale_by_*`` transforms take.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Literal, Optional
+
+import jax
+import optax
+
+from flora_jax._src import adam_hf
+from flora_jax._src import deprecation
+from flora_jax._src import flora as flora_lib
+from flora_jax._src import keys
+from flora_jax._src import subspace
+from flora_jax._src import tree_util
+from flora_jax._src import validation
+from flora_jax._src.fira import Formulation
+from flora_jax._src.projection import MaskOrFn
+from flora_jax._src.projection import ProjectionRule
+from flora_jax._src.projection import Side
+
+AdamFlavour = Literal['hf', 'optax']
+
+
+@deprecation.renamed_arguments(mask='projection_mask')
+def flora(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    kappa: int = flora_lib.DEFAULT_KAPPA,
+    b1: Optional[float] = 0.9,
+    *,
+    key: keys.PRNGKeyLike = 0,
+    decay_rate: float = 0.8,
+    decay_offset: int = 0,
+    min_dim_size_to_factor: int = 128,
+    eps: float = 1e-30,
+    clipping_threshold: Optional[float] = 1.0,
+    multiply_by_parameter_scale: bool = False,
+    weight_decay: Optional[float] = None,
+    weight_decay_mask: MaskOrFn = None,
+    nesterov: bool = False,
+    momentum_dtype: Optional[jax.typing.DTypeLike] = None,
+    side: Side = 'auto',
+    min_dim: int = 128,
+    max_aspect_ratio: Optional[float] = 4.0,
+    projection_mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+  r"""The Flora optimizer: Adafactor with compressed momentum.
+
+  Built from optax pieces, in the order of the paper:
+
+  1. `optax.scale_by_factored_rms`: Adafactor's factored second moment,
+     ``u = g / sqrt(v̂)`` (decay ``1 - t^{-decay_rate}``);
+  2. `scale_by_flora_momentum`: momentum of ``u`` kept as an
+     ``r x max(m, n)`` sketch for projected matrices (skipped if ``b1`` is
+     None);
+  3. `optax.clip_by_block_rms`: each leaf's update clipped to RMS
+     ``clipping_threshold``;
+  4. `optax.scale_by_param_block_rms` if ``multiply_by_parameter_scale``
+     (Adafactor's relative step size);
+  5. `optax.add_decayed_weights`: decoupled weight decay, scaled by the
+     learning rate as in `optax.adamw`;
+  6. `optax.scale_by_learning_rate`.
+
+  Optimizer state per projected ``m x n`` matrix: ``m + n`` (factored second
+  moment) plus ``r * max(m, n)`` (momentum) numbers, against ``2 m n`` for
+  Adam.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    rank: projection rank of the momentum.
+    kappa: the momentum projection is re-drawn every ``kappa`` steps.
+    b1: momentum decay; None for no momentum (plain Adafactor update).
+    key: an int seed, a typed key or a raw uint32 key.
+    decay_rate: of `optax.scale_by_factored_rms`.
+    decay_offset: ``step_offset`` of `optax.scale_by_factored_rms`.
+    min_dim_size_to_factor: of `optax.scale_by_factored_rms`.
+    eps: ``epsilon`` of `optax.scale_by_factored_rms`.
+    clipping_threshold: block-RMS clipping threshold, None to disable.
+    multiply_by_parameter_scale: scale steps by the parameters' RMS; then
+      ``learning_rate`` is relative (needs ``params`` in ``update``).
+    weight_decay: decoupled weight decay rate (needs ``params``), None or 0
+      for none.
+    weight_decay_mask: optax-style mask of the leaves to decay.
+    nesterov: see `scale_by_flora_momentum`.
+    momentum_dtype: see `scale_by_flora_momentum`.
+    side: which axis is compressed, see `flora_jax.ProjectionRule`.
+    min_dim: see `flora_jax.ProjectionRule`.
+    max_aspect_ratio: see `flora_jax.ProjectionRule`.
+    projection_mask: which leaves may have a compressed momentum (an
+      optax-style mask; not the decay mask), see `flora_jax.ProjectionRule`.
+      ``mask`` is its deprecated spelling.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Example:
+    >>> import flora_jax
+    >>> tx = flora_jax.flora(1e-3, rank=128, kappa=1000)
+
+  References:
+    Hao, Cao & Mou, 2024, https://arxiv.org/abs/2402.03293;
+    Shazeer & Stern, 2018 (Adafactor), https://arxiv.org/abs/1804.04235
+  """
+  transforms = [
+      optax.scale_by_factored_rms(
+          factored=True,
+          decay_rate=decay_rate,
+          step_offset=decay_offset,
+          min_dim_size_to_factor=min_dim_size_to_factor,
+          epsilon=eps,
+      )
+  ]
+  if b1 is not None:
+    rule = ProjectionRule(
+        rank, side, min_dim, max_aspect_ratio, projection_mask
+    )
+    transforms.append(
+        flora_lib.scale_by_flora_momentum(
+            b1, rule=rule, kappa=kappa, key=key, nesterov=nesterov,
+            momentum_dtype=momentum_dtype,
+        )
+    )
+  if clipping_threshold is not None:
+    transforms.append(optax.clip_by_block_rms(clipping_threshold))
+  if multiply_by_parameter_scale:
+    transforms.append(optax.scale_by_param_block_rms())
+  if validation.may_be_nonzero(weight_decay):
+    transforms.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+  transforms.append(optax.scale_by_learning_rate(learning_rate))
+  return tree_util.init_on_arrays(optax.chain(*transforms))
+
+
+@deprecation.renamed_arguments(mask='projection_mask')
+def galore(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: Optional[float] = None,
+    weight_decay: Optional[float] = None,
+    *,
+    weight_decay_mask: MaskOrFn = None,
+    adam: AdamFlavour = 'hf',
+    projector: subspace.ProjectorName = 'svd',
+    key: keys.PRNGKeyLike = 0,
+    transfer_moments: bool = False,
+    canonical_signs: bool = True,
+    power_iterations: int = 2,
+    oversampling: int = 8,
+    side: Side = 'auto',
+    min_dim: int = 128,
+    max_aspect_ratio: Optional[float] = 4.0,
+    projection_mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+  r"""GaLore-AdamW: Adam in the top-``r`` gradient subspace of each matrix.
+
+  With ``adam='hf'`` (default) this is the reference ``GaLoreAdamW``: per
+  step ``W <- (W - lr c_t α up(N_t)) (1 - lr wd)``, where ``N = m / (sqrt(v)
+  + ε)`` is computed on ``R = down(G)`` (ε = 1e-6, added before the bias
+  correction ``c_t``, see `scale_by_adam_hf`) and the decay hits the updated
+  weights. Leaves that are not projected get the same AdamW at full size,
+  unscaled. With ``adam='optax'`` it is `optax.scale_by_adam` (ε = 1e-8 on
+  the bias-corrected moments) with `optax.add_decayed_weights` on the
+  current weights, as in `optax.contrib.galore`.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    rank: subspace rank (reference default 128).
+    update_proj_gap: T, steps between projector refreshes (default 200).
+    scale: α, the factor on projected updates (default 0.25).
+    b1: Adam's β1.
+    b2: Adam's β2.
+    eps: Adam's ε; None picks the flavour's default (1e-6 for ``'hf'``,
+      1e-8 for ``'optax'``).
+    weight_decay: decoupled weight decay (needs ``params`` in ``update``);
+      None or 0 for none.
+    weight_decay_mask: optax-style mask of the leaves to decay.
+    adam: ``'hf'`` or ``'optax'``, see above.
+    projector: see `scale_by_galore`.
+    key: see `scale_by_galore`.
+    transfer_moments: see `scale_by_galore`.
+    canonical_signs: see `scale_by_galore`.
+    power_iterations: of the ``'randomized'`` projector.
+    oversampling: of the ``'randomized'`` projector.
+    side: which axis is compressed, see `flora_jax.ProjectionRule`.
+    min_dim: see `flora_jax.ProjectionRule`.
+    max_aspect_ratio: see `flora_jax.ProjectionRule`.
+    projection_mask: which leaves may be projected (an optax-style mask; not
+      the decay mask), see `flora_jax.ProjectionRule`. ``mask`` is its
+      deprecated spelling.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Example:
+    >>> import flora_jax
+    >>> tx = flora_jax.galore(1e-2, rank=128, update_proj_gap=200, scale=0.25)
+
+  References:
+    Zhao et al., 2024, https://arxiv.org/abs/2403.03507
+  """
+  in_subspace = functools.partial(
+      subspace.scale_by_galore,
+      rule=ProjectionRule(rank, side, min_dim, max_aspect_ratio,
+                          projection_mask),
+      update_proj_gap=update_proj_gap,
+      scale=scale,
+      projector=projector,
+      key=key,
+      transfer_moments=transfer_moments,
+      canonical_signs=canonical_signs,
+      power_iterations=power_iterations,
+      oversampling=oversampling,
+  )
+  return _adam_in_subspace(
+      in_subspace, learning_rate, b1, b2, eps, weight_decay, weight_decay_mask,
+      adam,
+  )
+
+
+@deprecation.renamed_arguments(mask='projection_mask')
+def fira(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: Optional[float] = None,
+    weight_decay: Optional[float] = None,
+    *,
+    formulation: Formulation = 'code',
+    growth_limit: Optional[float] = 1.01,
+    weight_decay_mask: MaskOrFn = None,
+    adam: AdamFlavour = 'hf',
+    projector: subspace.ProjectorName = 'svd',
+    key: keys.PRNGKeyLike = 0,
+    transfer_moments: bool = False,
+    canonical_signs: bool = True,
+    power_iterations: int = 2,
+    oversampling: int = 8,
+    side: Side = 'auto',
+    min_dim: int = 128,
+    max_aspect_ratio: Optional[float] = 4.0,
+    projection_mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+  r"""Fira-AdamW: GaLore-AdamW plus the scaled residual and its limiter.
+
+  The reference ``FiraAdamW`` with the defaults: per step
+  ``W <- (W - lr c_t (α up(N) + lim(S))) (1 - lr wd)`` with
+  ``S = φ ⊙ (G − α up(R))``; see `FiraResidual` for φ, the limiter and the
+  paper's formulation, and `galore` for the Adam flavours. The reference
+  scripts use α = 0.25 up to 350M parameters and 0.0625 for 1B/7B.
+
+  Args:
+    learning_rate: as in `galore`.
+    rank: as in `galore`.
+    update_proj_gap: as in `galore`.
+    scale: as in `galore`.
+    b1: as in `galore`.
+    b2: as in `galore`.
+    eps: as in `galore`.
+    weight_decay: as in `galore`.
+    formulation: ``'code'`` or ``'paper'``, see `FiraResidual`.
+    growth_limit: γ >= 1 of the norm-growth limiter, None for no limiter.
+    weight_decay_mask: as in `galore`.
+    adam: as in `galore`.
+    projector: as in `galore`.
+    key: as in `galore`.
+    transfer_moments: as in `galore`.
+    canonical_signs: as in `galore`.
+    power_iterations: as in `galore`.
+    oversampling: as in `galore`.
+    side: as in `galore`.
+    min_dim: as in `galore`.
+    max_aspect_ratio: as in `galore`.
+    projection_mask: as in `galore`.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Example:
+    >>> import flora_jax
+    >>> tx = flora_jax.fira(1e-2, rank=128, scale=0.25)
+
+  References:
+    Chen et al., 2024, https://arxiv.org/abs/2410.01623
+  """
+  in_subspace = functools.partial(
+      subspace.scale_by_fira,
+      rule=ProjectionRule(rank, side, min_dim, max_aspect_ratio,
+                          projection_mask),
+      update_proj_gap=update_proj_gap,
+      scale=scale,
+      formulation=formulation,
+      growth_limit=growth_limit,
+      projector=projector,
+      key=key,
+      transfer_moments=transfer_moments,
+      canonical_signs=canonical_signs,
+      power_iterations=power_iterations,
+      oversampling=oversampling,
+  )
+  return _adam_in_subspace(
+      in_subspace, learning_rate, b1, b2, eps, weight_decay, weight_decay_mask,
+      adam,
+  )
+
+
+def _adam_in_subspace(
+    in_subspace: Callable[[optax.GradientTransformation],
+                          optax.GradientTransformation],
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float,
+    b2: float,
+    eps: Optional[float],
+    weight_decay: Optional[float],
+    weight_decay_mask: MaskOrFn,
+    adam: AdamFlavour,
+) -> optax.GradientTransformation:
+  """The `galore`/`fira` chain around ``in_subspace(inner Adam)``."""
+  validation.check_choice('adam', adam, AdamFlavour)
+  decays = validation.may_be_nonzero(weight_decay)
+  if adam == 'hf':
+    eps = 1e-6 if eps is None else eps
+    transforms = [
+        in_subspace(adam_hf.scale_by_adam_hf(b1, b2, eps, correct_bias=False)),
+        optax.scale_by_schedule(adam_hf.hf_bias_correction(b1, b2)),
+        optax.scale_by_learning_rate(learning_rate),
+    ]
+    if decays:
+      decay = adam_hf.decay_after_update(learning_rate, weight_decay)
+      if weight_decay_mask is not None:
+        decay = optax.masked(decay, weight_decay_mask)
+      transforms.append(decay)
+  else:
+    eps = 1e-8 if eps is None else eps
+    transforms = [in_subspace(optax.scale_by_adam(b1, b2, eps))]
+    if decays:
+      transforms.append(
+          optax.add_decayed_weights(weight_decay, weight_decay_mask)
+      )
+    transforms.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*transforms)

@@ -1,0 +1,274 @@
+"""Flora: gradient and momentum compression by random projections.
+
+Flora (Hao, Cao & Mou, "Flora: Low-Rank Adapters Are Secretly Gradient
+Compressors", ICML 2024, https://arxiv.org/abs/2402.03293) observes that LoRA
+with a frozen random down-projection trains like plain gradient descent on a
+randomly compressed gradient, and that re-drawing the projection every
+``kappa`` steps makes the accumulated update high-rank. Projections are
+Gaussian, regenerated from a PRNG key whenever needed, so the optimizer state
+of a compressed ``m x n`` matrix is ``r * max(m, n)`` numbers instead of
+``m * n``.
+
+This module holds the transforms: `flora_compress` (the compressor on its
+own) and `scale_by_flora_momentum` (momentum kept in compressed form). The
+optimizer alias `flora` is in `alias.py`, compressed gradient accumulation
+(`FloraMultiSteps`) in `accumulation.py`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flora_jax._src import compat
+from flora_jax._src import deprecation
+from flora_jax._src import keys
+from flora_jax._src import projectors
+from flora_jax._src import tree_util
+from flora_jax._src import validation
+from flora_jax._src.projection import LeafPlan
+from flora_jax._src.projection import ProjectionRule
+
+DEFAULT_KAPPA = 1000
+
+
+class FloraCompressState(NamedTuple):
+  """State of `flora_compress`: no per-leaf arrays at all."""
+
+  count: jax.Array  # int32[]: number of updates so far.
+  key: jax.Array  # key[]: base key of every projection.
+
+
+class FloraMomentumState(NamedTuple):
+  """State of `scale_by_flora_momentum`."""
+
+  count: jax.Array  # int32[]: number of updates so far.
+  key: jax.Array  # key[]: base key of every projection.
+  # Per leaf: the compressed momentum C, shaped (..., r, n) for side 'left',
+  # (..., m, r) for side 'right'; the full momentum (leaf shape) for leaves
+  # that are not projected. dtype: `momentum_dtype`.
+  momentum: optax.Updates
+
+
+@deprecation.flat_projection_arguments
+def flora_compress(
+    rule: Union[ProjectionRule, int],
+    *,
+    kappa: int = DEFAULT_KAPPA,
+    key: keys.PRNGKeyLike = 0,
+) -> optax.GradientTransformation:
+  r"""Compresses and decompresses each projected gradient with a random projection.
+
+  Each projected gradient ``G`` (see `flora_jax.ProjectionRule`) is replaced
+  by
+
+  .. math::
+
+    \hat G = Q Q^\top G \;\; (\text{side 'left'}) \quad\text{or}\quad
+    \hat G = G Q Q^\top \;\; (\text{side 'right'}),
+    \qquad Q_{ij} \sim \mathcal N(0, 1/r),
+
+  with ``Q`` re-drawn every ``kappa`` steps from the key in the state. Then
+  ``E[Ĝ] = G`` and a single draw has norm about ``sqrt(dim/r) * |G|``.
+  Other leaves pass through unchanged.
+
+  What this is: with `optax.sgd` downstream, one step equals one step of LoRA
+  that trains the factor B while the other factor A is frozen at the current
+  projection (``W + Q B`` for side 'left'): the weight moves by
+  ``-lr Q Qᵀ G``. Over resamples the accumulated update has rank up to
+  ``r * steps / kappa``, unlike LoRA's.
+
+  What this is not: a memory saving on its own. A downstream optimizer such as
+  `optax.adam` still keeps full-size moments of ``Ĝ``. To shrink optimizer
+  state use `scale_by_flora_momentum` / `flora` (compressed momentum) or
+  `FloraMultiSteps` (compressed gradient accumulation).
+
+  Args:
+    rule: which leaves are projected, on which side and at which rank: a
+      `flora_jax.ProjectionRule`, or an int r for ``ProjectionRule(r)``.
+    kappa: a new projection is drawn every ``kappa`` updates.
+    key: an int seed, a typed key (`jax.random.key`) or a raw uint32 key.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is `FloraCompressState`.
+
+  Example:
+    >>> import optax, flora_jax
+    >>> tx = optax.chain(flora_jax.flora_compress(8, kappa=100), optax.sgd(0.1))
+
+  References:
+    Hao, Cao & Mou, 2024, https://arxiv.org/abs/2402.03293
+  """
+  rule = ProjectionRule.of(rule)
+  kappa = validation.check_positive_or_traced('kappa', kappa)
+  validation.check_key('key', key)
+
+  def init_fn(params):
+    rule.plan(params)  # Refuses unusable leaves now rather than at update.
+    return FloraCompressState(
+        count=jnp.zeros([], jnp.int32), key=keys.as_prng_key(key)
+    )
+
+  def update_fn(updates, state, params=None):
+    validation.check_updates_match_params(updates, params)
+    plans = rule.plan(updates)
+    index = state.count // kappa
+
+    def compress(plan, g):
+      if not plan.projected:
+        return g
+      q = projectors.random_projector(state.key, plan, index)
+      low_rank = projectors.project_down(q, g, plan.side)
+      return projectors.project_up(q, low_rank, plan.side).astype(g.dtype)
+
+    new_updates = jax.tree.map(compress, plans, updates)
+    return new_updates, FloraCompressState(
+        count=optax.safe_increment(state.count), key=state.key
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+@deprecation.flat_projection_arguments
+def scale_by_flora_momentum(
+    b1: float = 0.9,
+    *,
+    rule: Union[ProjectionRule, int],
+    kappa: int = DEFAULT_KAPPA,
+    key: keys.PRNGKeyLike = 0,
+    nesterov: bool = False,
+    momentum_dtype: Optional[jax.typing.DTypeLike] = None,
+) -> optax.GradientTransformation:
+  r"""Exponential moving average of the updates, stored in compressed form.
+
+  For a projected leaf the state is ``C = down(m)``, ``r * max(m, n)``
+  numbers. With ``Q_t`` the projector of the current window of ``kappa``
+  steps and ``u_t`` the incoming update:
+
+  .. math::
+
+    C_{t-1} &\leftarrow \mathrm{down}_{Q_t}(\mathrm{up}_{Q_{t-1}}(C_{t-1}))
+        \quad\text{(only when } Q \text{ was just re-drawn)} \\
+    C_t &= \beta_1 C_{t-1} + (1 - \beta_1)\, \mathrm{down}_{Q_t}(u_t) \\
+    \text{output}_t &= \beta_1\, \mathrm{up}_{Q_t}(C_{t-1}) + (1 - \beta_1)\, u_t
+
+  The transfer at a resample moves the momentum into the new subspace, as in
+  the paper's Algorithm 2 and its PyTorch code, and the current update enters
+  the output exactly: only the history is compressed. (The published optax
+  code transfers with the old projection on both sides, which blows the
+  momentum up and decorrelates it from the gradient after each resample; it
+  is deliberately not offered.)
+
+  With ``nesterov=True`` the output is the published JAX code's
+  ``β1 up(C_t) + (1 - β1) u_t`` instead.
+
+  Leaves that are not projected keep a full momentum with the same formulas
+  (``up``/``down`` the identity), i.e. ``m_t = β1 m_{t-1} + (1 - β1) u_t`` is
+  the output (or ``β1 m_t + (1 - β1) u_t`` with ``nesterov``). No bias
+  correction is applied, as in the paper.
+
+  Args:
+    b1: momentum decay β1 in [0, 1).
+    rule: which leaves have a compressed momentum, on which side and at which
+      rank: a `flora_jax.ProjectionRule`, or an int r for
+      ``ProjectionRule(r)``.
+    kappa: a new projection is drawn every ``kappa`` updates.
+    key: an int seed, a typed key or a raw uint32 key.
+    nesterov: use the Nesterov-like output of the published JAX code.
+    momentum_dtype: dtype of the stored momentum (None means float32;
+      bfloat16 halves it again); arithmetic is done in float32.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is `FloraMomentumState`.
+
+  Example:
+    >>> import optax, flora_jax
+    >>> tx = optax.chain(
+    ...     optax.scale_by_factored_rms(),
+    ...     flora_jax.scale_by_flora_momentum(0.9, rule=64),
+    ...     optax.scale_by_learning_rate(1e-2),
+    ... )
+
+  References:
+    Hao, Cao & Mou, 2024, Algorithm 2, https://arxiv.org/abs/2402.03293
+  """
+  rule = ProjectionRule.of(rule)
+  kappa = validation.check_positive_or_traced('kappa', kappa)
+  validation.check_in_range('b1', b1, 0.0, 1.0)
+  momentum_dtype = validation.check_float_dtype('momentum_dtype', momentum_dtype)
+  validation.check_key('key', key)
+
+  def init_fn(params):
+    params = tree_util.unwrap_variables(params)
+    plans = rule.plan(params)
+
+    def zeros(plan, leaf):
+      validation.check_real_float_leaf(
+          plan.path, leaf, 'a momentum',
+          'Exclude it with optax.masked or optax.partition.',
+      )
+      return jnp.zeros(plan.low_rank_shape, momentum_dtype)
+
+    return FloraMomentumState(
+        count=jnp.zeros([], jnp.int32),
+        key=keys.as_prng_key(key),
+        momentum=jax.tree.map(zeros, plans, params),
+    )
+
+  def update_fn(updates, state, params=None):
+    validation.check_updates_match_params(updates, params)
+    validation.check_same_paths(updates, state.momentum, 'the momentum')
+    plans = rule.plan(updates)
+    index = state.count // kappa
+    resampled = (state.count > 0) & (state.count % kappa == 0)
+
+    def update_leaf(plan, u, c):
+      validation.check_state_shape(plan, c, 'a momentum')
+      out, c_new = _momentum_step(
+          plan, u.astype(jnp.float32), c.astype(jnp.float32),
+          b1, nesterov, state.key, index, resampled,
+      )
+      return out.astype(u.dtype), c_new.astype(momentum_dtype)
+
+    results = jax.tree.map(update_leaf, plans, updates, state.momentum)
+    new_updates, new_momentum = tree_util.unzip_leaves(plans, results, 2)
+    return new_updates, FloraMomentumState(
+        count=optax.safe_increment(state.count),
+        key=state.key,
+        momentum=new_momentum,
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _momentum_step(
+    plan: LeafPlan,
+    u: jax.Array,
+    c: jax.Array,
+    b1: float,
+    nesterov: bool,
+    key: jax.Array,
+    index: jax.Array,
+    resampled: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """One leaf's (output, new momentum), in float32; see the formulas above."""
+  if not plan.projected:
+    c_new = b1 * c + (1 - b1) * u
+    out = b1 * c_new + (1 - b1) * u if nesterov else c_new
+    return out, c_new
+
+  q = projectors.random_projector(key, plan, index)
+
+  def transfer(c):
+    q_old = projectors.random_projector(key, plan, index - 1)
+    full = projectors.project_up(q_old, c, plan.side)
+    return projectors.project_down(q, full, plan.side)
+
+  c = compat.cond(resampled, transfer, lambda c: c, c)
+  c_new = b1 * c + (1 - b1) * projectors.project_down(q, u, plan.side)
+  history = c_new if nesterov else c
+  out = b1 * projectors.project_up(q, history, plan.side) + (1 - b1) * u
+  return out, c_new

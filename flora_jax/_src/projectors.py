@@ -1,0 +1,324 @@
+"""Projectors and the two maps every projecting method shares.
+
+A projector ``Q`` has shape ``(..., dim, r)`` (one per stacked slice) and
+defines, for a leaf of shape ``(..., m, n)``:
+
+* side ``'left'`` (compress the rows, axis -2): ``down(X) = Qᵀ X`` of shape
+  ``(..., r, n)`` and ``up(C) = Q C``;
+* side ``'right'`` (compress the columns, axis -1): ``down(X) = X Q`` of
+  shape ``(..., m, r)`` and ``up(C) = C Qᵀ``.
+
+Flora draws ``Q`` with i.i.d. ``N(0, 1/r)`` entries (`gaussian_projector`),
+so that ``E[up(down(G))] = G``; GaLore and Fira take the top-``r`` singular
+vectors of the gradient, exactly (`svd_projector`) or by a randomized range
+finder (`randomized_projector`); both have orthonormal columns and plug into
+the same ``down``/``up``. Under Explicit sharding every product over a
+sharded axis is given its output layout here, so callers never see it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from flora_jax._src import compat
+from flora_jax._src import keys
+from flora_jax._src.projection import LeafPlan
+
+ProjectedSide = Literal['left', 'right']
+
+
+def gaussian_projector(
+    key: jax.Array, plan: LeafPlan, dtype: jax.typing.DTypeLike = jnp.float32
+) -> jax.Array:
+  """Draws ``Q`` of shape ``plan.projector_shape`` with entries N(0, 1/r).
+
+  With this scale ``E[Q Qᵀ] = I``, so ``up(down(G))`` is an unbiased estimate
+  of ``G``. Each stacked slice gets an independent draw.
+
+  Args:
+    key: a typed PRNG key.
+    plan: the leaf's `LeafPlan` (must be projected).
+    dtype: the projector's dtype.
+
+  Returns:
+    ``Q``, shape ``plan.projector_shape``.
+  """
+  scale = 1.0 / math.sqrt(plan.projector_shape[-1])
+  return jax.random.normal(key, plan.projector_shape, dtype) * jnp.asarray(
+      scale, dtype
+  )
+
+
+def _spec(x: jax.Array) -> tuple[Any, ...]:
+  """The mesh axes of each axis of ``x`` in its type (Explicit sharding)."""
+  spec = tuple(getattr(jax.typeof(x).sharding, 'spec', ()) or ())
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def _reduced_sharding(contracted: tuple[Any, ...], kept: tuple[Any, ...]):
+  """``out_sharding`` of a product whose contracted axis may be sharded.
+
+  Under Explicit sharding JAX refuses to guess the layout of a product over
+  a sharded axis. The partial sums are then reduced into ``kept``: the
+  result's full-size axis stays sharded like the parameter's, the rank axis
+  is replicated. None (let JAX decide) when nothing contracted is sharded.
+  """
+  if all(axis is None for axis in contracted):
+    return None
+  return jax.sharding.PartitionSpec(*kept)
+
+
+def project_down(q: jax.Array, x: jax.Array, side: ProjectedSide) -> jax.Array:
+  """``down(X)``: ``Qᵀ X`` (side 'left') or ``X Q`` (side 'right').
+
+  Args:
+    q: the projector, ``(..., dim, r)``.
+    x: a full-size matrix (or stack of them), ``(..., m, n)``; cast to
+      ``q.dtype``.
+    side: ``'left'`` or ``'right'``, as in the leaf's `LeafPlan`.
+
+  Returns:
+    ``(..., r, n)`` for side 'left', ``(..., m, r)`` for side 'right'.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import flora_jax
+    >>> from flora_jax import projections
+    >>> plan = flora_jax.ProjectionRule(4, min_dim=8).leaf_plan('w', (16, 32))
+    >>> q = projections.gaussian_projector(jax.random.key(0), plan)
+    >>> projections.project_down(q, jnp.ones((16, 32)), plan.side).shape
+    (4, 32)
+  """
+  x = x.astype(q.dtype)
+  x_spec, q_spec = _spec(x), _spec(q)
+  if side == 'left':
+    out = _reduced_sharding((x_spec[-2], q_spec[-2]),
+                            x_spec[:-2] + (None, x_spec[-1]))
+    return jnp.einsum('...mr,...mn->...rn', q, x, out_sharding=out)
+  out = _reduced_sharding((x_spec[-1], q_spec[-2]),
+                          x_spec[:-2] + (x_spec[-2], None))
+  return jnp.einsum('...mn,...nr->...mr', x, q, out_sharding=out)
+
+
+def _outer_sharding(lead, rows, columns):
+  """``out_sharding`` of a product ``(..., m, r) @ (..., r, n)``.
+
+  The result takes its rows' sharding from one factor and its columns' from
+  the other; when both name the same mesh axis (a square matrix whose
+  projector was laid out along the other axis) the columns are replicated
+  rather than the product refused. None when nothing is sharded.
+  """
+  if rows is None and columns is None and all(a is None for a in lead):
+    return None
+  if columns == rows:
+    columns = None
+  return jax.sharding.PartitionSpec(*lead, rows, columns)
+
+
+def project_up(q: jax.Array, c: jax.Array, side: ProjectedSide) -> jax.Array:
+  """``up(C)``: ``Q C`` (side 'left') or ``C Qᵀ`` (side 'right').
+
+  Args:
+    q: the projector, ``(..., dim, r)``.
+    c: a low-rank matrix from `project_down`; cast to ``q.dtype``.
+    side: ``'left'`` or ``'right'``, as in the leaf's `LeafPlan`.
+
+  Returns:
+    The full-size ``(..., m, n)`` matrix.
+  """
+  c = c.astype(q.dtype)
+  q_spec, c_spec = _spec(q), _spec(c)
+  if side == 'left':
+    out = _outer_sharding(c_spec[:-2], q_spec[-2], c_spec[-1])
+    return jnp.einsum('...mr,...rn->...mn', q, c, out_sharding=out)
+  out = _outer_sharding(c_spec[:-2], c_spec[-2], q_spec[-2])
+  return jnp.einsum('...mr,...nr->...mn', c, q, out_sharding=out)
+
+
+def change_basis(
+    q_old: jax.Array, q_new: jax.Array, c: jax.Array, side: ProjectedSide
+) -> jax.Array:
+  """``down_new(up_old(C))`` through an ``r x r`` matrix, never a full one.
+
+  Moves a low-rank quantity (a momentum, say) from the subspace of ``q_old``
+  into that of ``q_new``: ``(Q_newᵀ Q_old) C`` for side 'left',
+  ``C (Q_oldᵀ Q_new)`` for side 'right'.
+
+  Args:
+    q_old: the projector ``c`` was taken with, ``(..., dim, r)``.
+    q_new: the projector to move into, same shape.
+    c: the low-rank matrix, as `project_down` returns it.
+    side: ``'left'`` or ``'right'``.
+
+  Returns:
+    ``c`` in the new basis, same shape, in ``q_new.dtype``.
+  """
+  new_spec, old_spec = _spec(q_new), _spec(q_old)
+  overlap = jnp.einsum(
+      '...dr,...ds->...rs', q_new, q_old.astype(q_new.dtype),
+      out_sharding=_reduced_sharding((new_spec[-2], old_spec[-2]),
+                                     new_spec[:-2] + (None, None)),
+  )
+  c = c.astype(q_new.dtype)
+  if side == 'left':
+    return jnp.einsum('...rs,...sn->...rn', overlap, c)
+  return jnp.einsum('...ms,...rs->...mr', c, overlap)
+
+
+def random_projector(
+    key: jax.Array, plan: LeafPlan, index: jax.Array
+) -> jax.Array:
+  """The Gaussian projector number ``index`` of a leaf, regenerated from ``key``.
+
+  This is how Flora never stores a projector: the same ``(key, path,
+  index)`` always gives the same ``Q`` (`gaussian_projector` with the key
+  from `projection_key`).
+
+  Args:
+    key: the transform's base key (typed).
+    plan: the leaf's `LeafPlan` (must be projected).
+    index: which projector (Flora: ``count // kappa``); may be traced.
+
+  Returns:
+    ``Q``, shape ``plan.projector_shape``, float32.
+  """
+  return gaussian_projector(keys.projection_key(key, plan.path, index), plan)
+
+
+# ------------------------------------- projectors fitted to a gradient
+#
+# Both return Q of shape plan.projector_shape in float32 with orthonormal
+# columns spanning (an estimate of) the top-r singular subspace of the
+# compressed axis. Stacked slices go through `compat.each_matrix`, never
+# vmap, so a `lax.cond` around them stays a real branch.
+
+
+def gather_matrix_axes(x: jax.Array) -> jax.Array:
+  """Replicates the last two axes of ``x`` where its sharding is Explicit.
+
+  Decompositions (SVD, QR) need whole matrices; under
+  `jax.sharding.AxisType.Explicit` they refuse sharded matrix axes instead
+  of gathering them. Leading (stacked-slice) axes keep their sharding. With
+  Auto axes the compiler inserts the gather itself, so ``x`` is returned
+  as it is.
+  """
+  spec = _spec(x)
+  if spec[-2] is None and spec[-1] is None:
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec[:-2], None,
+                                                            None))
+
+
+def svd_projector(
+    g: jax.Array, plan: LeafPlan, *, canonical_signs: bool = True
+) -> jax.Array:
+  """The top-``r`` singular vectors of ``g`` on the compressed side (GaLore).
+
+  Side 'left' takes the left singular vectors ``U[:, :r]``, side 'right' the
+  right ones ``Vh[:r]ᵀ``, from one float32 SVD of ``g`` itself, as the
+  reference code does. If ``r`` exceeds ``min(m, n)`` the missing columns are
+  zero.
+
+  Args:
+    g: the gradient, ``(..., m, n)``.
+    plan: its `LeafPlan` (must be projected).
+    canonical_signs: apply `canonicalize_signs`.
+
+  Returns:
+    ``Q`` with orthonormal columns, ``plan.projector_shape``, float32.
+  """
+  rank = plan.projector_shape[-1]
+
+  def fit(g):
+    u, _, vh = jnp.linalg.svd(g, full_matrices=False)
+    if plan.side == 'left':
+      return u[..., :, :rank]
+    return jnp.swapaxes(vh[..., :rank, :], -1, -2)
+
+  q = compat.each_matrix(fit, gather_matrix_axes(g.astype(jnp.float32)))
+  q = _pad_columns(q, rank)
+  return canonicalize_signs(q) if canonical_signs else q
+
+
+def randomized_projector(
+    key: jax.Array,
+    g: jax.Array,
+    plan: LeafPlan,
+    *,
+    power_iterations: int = 2,
+    oversampling: int = 8,
+    canonical_signs: bool = True,
+) -> jax.Array:
+  """A randomized range finder for the top-``r`` singular subspace.
+
+  Halko, Martinsson & Tropp (2011), Algorithms 4.4 and 5.1: sketch
+  ``Y = A Ω`` with a Gaussian ``Ω`` of ``r + oversampling`` columns, refine
+  it with ``power_iterations`` QR-stabilised passes of ``A Aᵀ``, then take the
+  top ``r`` left singular vectors of the small matrix ``Qᵀ A``. Here ``A`` is
+  ``g`` (side 'left') or ``gᵀ`` (side 'right'). The cost is
+  ``O(m n (r + p) (2 q + 2))`` flops against ``O(m n min(m, n))`` for a full
+  SVD.
+
+  Args:
+    key: a typed PRNG key for the sketch ``Ω``.
+    g: the gradient, ``(..., m, n)``.
+    plan: its `LeafPlan` (must be projected).
+    power_iterations: q, the number of refining passes.
+    oversampling: p, extra sketch columns beyond r.
+    canonical_signs: apply `canonicalize_signs`.
+
+  Returns:
+    ``Q`` with orthonormal columns, ``plan.projector_shape``, float32.
+  """
+  rank = plan.projector_shape[-1]
+  a = gather_matrix_axes(g.astype(jnp.float32))
+  if plan.side == 'right':
+    a = jnp.swapaxes(a, -1, -2)
+  rows, cols = a.shape[-2:]
+  width = min(rank + oversampling, rows)
+  omega = jax.random.normal(key, plan.batch_shape + (cols, width), jnp.float32)
+  transpose = lambda x: jnp.swapaxes(x, -1, -2)
+
+  def fit(a, omega):
+    sketch = a @ omega
+    for _ in range(power_iterations):
+      basis, _ = jnp.linalg.qr(sketch)
+      co_basis, _ = jnp.linalg.qr(transpose(a) @ basis)
+      sketch = a @ co_basis
+    basis, _ = jnp.linalg.qr(sketch)
+    u_small, _, _ = jnp.linalg.svd(transpose(basis) @ a, full_matrices=False)
+    return basis @ u_small[..., :, :rank]
+
+  q = _pad_columns(compat.each_matrix(fit, a, omega), rank)
+  return canonicalize_signs(q) if canonical_signs else q
+
+
+def canonicalize_signs(q: jax.Array) -> jax.Array:
+  """Flips each column of ``q`` so that its largest-magnitude entry is positive.
+
+  Singular vectors are defined up to sign and LAPACK, cuSOLVER and TPU
+  kernels choose differently. Moments carried across a refresh make the sign
+  matter, so a fixed rule keeps trajectories identical across backends.
+
+  Args:
+    q: projectors, ``(..., dim, r)``.
+
+  Returns:
+    ``q`` with some columns negated.
+  """
+  pivot_index = jnp.argmax(jnp.abs(q), axis=-2, keepdims=True)
+  pivot = jnp.take_along_axis(q, pivot_index, axis=-2)
+  return q * jnp.where(pivot < 0, -1.0, 1.0).astype(q.dtype)
+
+
+def _pad_columns(q: jax.Array, rank: int) -> jax.Array:
+  missing = rank - q.shape[-1]
+  if missing == 0:
+    return q
+  return jnp.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, missing)])
+
+
