@@ -66,11 +66,14 @@ def _cast(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype), tree)
 
 
-def _flora(inner, k, **kw):
-  kw.setdefault('rank', R)
-  kw.setdefault('min_dim', MIN_DIM)
-  kw.setdefault('key', 0)
-  return flora_jax.FloraMultiSteps(inner, k, **kw)
+_RULE_FIELDS = ('rank', 'side', 'min_dim', 'max_aspect_ratio',
+                'projection_mask')
+
+
+def _flora(inner, k, *, key=0, **kw):
+  """FloraMultiSteps with the tests' rule; rule fields in ``kw`` override it."""
+  rule = {name: kw.pop(name) for name in list(kw) if name in _RULE_FIELDS}
+  return flora_jax.FloraMultiSteps(inner, k, _rule(**rule), key=key, **kw)
 
 
 def _rule(**kw):
@@ -116,20 +119,20 @@ def _scenarios():
       'ms_adam3': Scenario(optax.MultiSteps(optax.adam(1e-2), 3), p, g, 1),
       # k = 1 (every step emits), unprojected to save a compilation.
       'adam1': Scenario(
-          _flora(optax.adam(1e-2), 1, mask=_mask_all_false), p, g, 1
+          _flora(optax.adam(1e-2), 1, projection_mask=_mask_all_false), p, g, 1
       ),
       'ms_adam1': Scenario(optax.MultiSteps(optax.adam(1e-2), 1), p, g, 1),
       # 2. unprojected leaves
       'sgd3': Scenario(TX_SGD3, p, g, 2),
       'ms_sgd3': Scenario(optax.MultiSteps(optax.sgd(1.0), 3), p, g, 0),
       'adam3_mask_false': Scenario(
-          _flora(optax.adam(1e-2), 3, mask=_mask_all_false), p, g, 1
+          _flora(optax.adam(1e-2), 3, projection_mask=_mask_all_false), p, g, 1
       ),
       'adam3_rank_ge_dim': Scenario(
           _flora(optax.adam(1e-2), 3, rank=M), p, g, 1
       ),
       'sgd3_mask_false': Scenario(
-          _flora(optax.sgd(1.0), 3, mask=_mask_all_false), p, g, 0
+          _flora(optax.sgd(1.0), 3, projection_mask=_mask_all_false), p, g, 0
       ),
       'sgd3_rank_ge_dim': Scenario(
           _flora(optax.sgd(1.0), 3, rank=M), p, g, 0
@@ -497,7 +500,7 @@ def test_state_bytes_formula_and_smaller_than_multisteps(capsys):
       'b': jax.ShapeDtypeStruct((n,), jnp.float32),
   }
   inner = optax.adam(1e-3)
-  tx = flora_jax.FloraMultiSteps(inner, 4, rank=r)  # default min_dim=128
+  tx = flora_jax.FloraMultiSteps(inner, 4, r)  # default min_dim=128
   state = jax.eval_shape(tx.init, params)
   ref_state = jax.eval_shape(optax.MultiSteps(inner, 4).init, params)
 
@@ -528,7 +531,7 @@ def test_state_bytes_right_side_and_accumulator_dtype():
   m, n, r = 256, 128, 16  # auto side 'right' (n < m): sketch (m, r)
   params = {'w': jax.ShapeDtypeStruct((m, n), jnp.float32)}
   tx = flora_jax.FloraMultiSteps(
-      optax.sgd(1.0), 2, rank=r, accumulator_dtype=jnp.bfloat16
+      optax.sgd(1.0), 2, r, accumulator_dtype=jnp.bfloat16
   )
   state = jax.eval_shape(tx.init, params)
   assert state.acc_sketch['w'].shape == (m, r)
@@ -716,7 +719,7 @@ def test_bad_rank_raises_value_error(rank):
 )
 def test_opt_not_a_gradient_transformation_raises_type_error(opt):
   with pytest.raises(TypeError, match='GradientTransformation'):
-    flora_jax.FloraMultiSteps(opt, 2, rank=R)
+    flora_jax.FloraMultiSteps(opt, 2, R)
 
 
 @pytest.mark.parametrize(
@@ -824,7 +827,8 @@ def test_integer_projected_leaf_raises_type_error_naming_path():
 
 
 def test_integer_leaf_excluded_by_mask_is_accepted():
-  tx = _flora(optax.sgd(1.0), 2, mask={'emb': {'table': False}, 'b': True})
+  tx = _flora(optax.sgd(1.0), 2,
+              projection_mask={'emb': {'table': False}, 'b': True})
   params = {'emb': {'table': jnp.zeros((M, N), jnp.int32)},
             'b': jnp.zeros((N,))}
   state = tx.init(params)

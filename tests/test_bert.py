@@ -30,7 +30,8 @@ def _why_no_minilm():
   missing = [name for name in ('safetensors', 'tokenizers')
              if importlib.util.find_spec(name) is None]
   if missing:
-    return f'needs {" and ".join(missing)}: pip install "flora_jax[data]"'
+    return (f'needs {" and ".join(missing)}:'
+            ' pip install -e . -e "./examples[data]"')
   return None
 
 

@@ -1,8 +1,8 @@
-"""flora_jax.datasets: checksums, fetch errors, splits and the real loaders.
+"""flora_jax_examples.datasets: checksums, fetch errors, splits, loaders.
 
 The real-data tests skip when the archives are not in the cache; fetch them
-with ``python -m flora_jax_examples.datasets fetch``. Everything else runs offline
-on fake archives in a temporary cache.
+with ``python -m flora_jax_examples.datasets fetch``. Everything else runs
+offline on fake archives in a temporary cache.
 """
 
 import hashlib
@@ -23,8 +23,8 @@ def _present(source):
 def _skip_unless_fetched(source):
   return pytest.mark.skipif(
       not _present(source),
-      reason=f'{source.name} not fetched: python -m flora_jax_examples.datasets fetch'
-      f' {source.name}',
+      reason=f'{source.name} not fetched:'
+      f' python -m flora_jax_examples.datasets fetch {source.name}',
   )
 
 

@@ -13,6 +13,11 @@ from flora_jax._src import keys
 SMALL = dict(min_dim=8)  # let the small test matrices be projected
 
 
+def _small(rank, **rule):
+  """A ProjectionRule that projects the small test matrices."""
+  return flora_jax.ProjectionRule(rank, **SMALL, **rule)
+
+
 def _params(dtype=jnp.float32):
   keys = jax.random.split(jax.random.key(0), 4)
   return {
@@ -53,7 +58,7 @@ def test_compress_with_sgd_is_a_lora_step_with_frozen_random_factor(name):
   loss = lambda w: jnp.mean((x @ w - y) ** 2)
   lr, rank = 0.3, 4
 
-  tx = optax.chain(flora_jax.flora_compress(rank, key=5, **SMALL),
+  tx = optax.chain(flora_jax.flora_compress(_small(rank), key=5),
                    optax.sgd(lr))
   state = tx.init(w0)
   updates, _ = tx.update(jax.grad(loss)(w0), state)
@@ -73,7 +78,7 @@ def test_compress_with_sgd_is_a_lora_step_with_frozen_random_factor(name):
 
 
 KAPPA = 3
-_compress = flora_jax.flora_compress(4, kappa=KAPPA, key=0, **SMALL)
+_compress = flora_jax.flora_compress(_small(4), kappa=KAPPA, key=0)
 _compress_update = jax.jit(_compress.update)
 
 
@@ -114,21 +119,21 @@ def test_stacked_slices_are_projected_independently():
 
 def test_compress_composes_with_masked_and_partition():
   params, g = _params(), _grads(0)
-  direct = flora_jax.flora_compress(4, key=0, mask={'wide': True, 'tall': False,
-                                                    'stacked': False,
-                                                    'bias': False}, **SMALL)
+  direct = flora_jax.flora_compress(
+      _small(4, projection_mask={'wide': True, 'tall': False,
+                                 'stacked': False, 'bias': False}), key=0)
   expected, _ = direct.update(g, direct.init(params))
   np.testing.assert_array_equal(expected['tall'], g['tall'])
 
   mask = {'wide': True, 'tall': False, 'stacked': False, 'bias': False}
-  masked = optax.masked(flora_jax.flora_compress(4, key=0, **SMALL), mask)
+  masked = optax.masked(flora_jax.flora_compress(_small(4), key=0), mask)
   out, _ = masked.update(g, masked.init(params))
   jax.tree.map(np.testing.assert_array_equal, out, expected)
 
   labels = {'wide': 'flora', 'tall': 'plain', 'stacked': 'plain',
             'bias': 'plain'}
   partitioned = optax.partition(
-      {'flora': flora_jax.flora_compress(4, key=0, **SMALL),
+      {'flora': flora_jax.flora_compress(_small(4), key=0),
        'plain': optax.identity()}, labels)
   out, _ = partitioned.update(g, partitioned.init(params))
   jax.tree.map(np.testing.assert_array_equal, out, expected)
@@ -164,9 +169,9 @@ def test_compress_inside_multisteps_and_apply_if_finite():
         (lambda: flora_jax.flora_compress(4, kappa=1.5), TypeError, 'kappa'),
         (lambda: flora_jax.flora_compress(4, key=0.5), TypeError, 'key'),
         (lambda: flora_jax.flora_compress(4, key='a'), TypeError, 'key'),
-        (lambda: flora_jax.scale_by_flora_momentum(1.0, rank=4), ValueError,
+        (lambda: flora_jax.scale_by_flora_momentum(1.0, rule=4), ValueError,
          'b1'),
-        (lambda: flora_jax.scale_by_flora_momentum(rank=4,
+        (lambda: flora_jax.scale_by_flora_momentum(rule=4,
                                                    momentum_dtype=jnp.int8),
          TypeError, 'momentum_dtype'),
         (lambda: flora_jax.flora(1e-3, rank=-1), ValueError, 'rank'),
@@ -180,14 +185,14 @@ def test_bad_arguments_are_refused_at_construction(make, error, match):
 def test_bad_leaves_are_refused_at_init_with_their_path():
   bad = {'layer': {'kernel': jnp.zeros((16, 16), jnp.int32)}}
   with pytest.raises(TypeError, match=r"\['layer'\]\['kernel'\]"):
-    flora_jax.flora_compress(4, **SMALL).init(bad)
+    flora_jax.flora_compress(_small(4)).init(bad)
   counter = {'w': jnp.zeros((16, 16)), 'n': jnp.zeros((4,), jnp.int32)}
   with pytest.raises(TypeError, match=r"\['n'\]"):
-    flora_jax.scale_by_flora_momentum(rank=4, **SMALL).init(counter)
+    flora_jax.scale_by_flora_momentum(rule=_small(4)).init(counter)
 
 
 def test_momentum_refuses_updates_that_do_not_match_its_state():
-  tx = flora_jax.scale_by_flora_momentum(rank=4, **SMALL)
+  tx = flora_jax.scale_by_flora_momentum(rule=_small(4))
   state = tx.init(_params())
   renamed = dict(_grads(0))
   renamed['other'] = renamed.pop('bias')
@@ -212,7 +217,8 @@ def test_momentum_state_shapes_dtypes_and_bytes():
           'embed': True}
   for dtype, itemsize in ((jnp.float32, 4), (jnp.bfloat16, 2)):
     tx = flora_jax.scale_by_flora_momentum(
-        rank=4, momentum_dtype=dtype, mask=dict(mask, tall=False), **SMALL)
+        rule=_small(4, projection_mask=dict(mask, tall=False)),
+        momentum_dtype=dtype)
     state = jax.eval_shape(tx.init, params)
     shapes = jax.tree.map(lambda x: x.shape, state.momentum)
     assert shapes == {'wide': (4, 32), 'tall': (32, 16),  # masked out
@@ -252,8 +258,8 @@ def _reference_momentum(b1, kappa, key, plan, grads, transfer='paper',
 @pytest.mark.parametrize('nesterov', [False, True])
 def test_momentum_matches_the_formulas_across_resamples(nesterov):
   b1, kappa = 0.8, 2
-  tx = flora_jax.scale_by_flora_momentum(b1, rank=4, kappa=kappa, key=3,
-                                         nesterov=nesterov, **SMALL)
+  tx = flora_jax.scale_by_flora_momentum(b1, rule=_small(4), kappa=kappa,
+                                         key=3, nesterov=nesterov)
   params = _params()
   state = tx.init(params)
   grads = [_grads(t) for t in range(5)]
@@ -298,8 +304,8 @@ def test_paper_transfer_keeps_direction_and_published_transfer_collapses():
   theirs, their_norms = _reference_momentum(b1, kappa, key, plan, steps,
                                             transfer='published', nesterov=True)
   # the library (nesterov output, paper transfer) equals the reference
-  tx = flora_jax.scale_by_flora_momentum(b1, rank=rank, kappa=kappa, key=1,
-                                         nesterov=True, **SMALL)
+  tx = flora_jax.scale_by_flora_momentum(b1, rule=_small(rank), kappa=kappa,
+                                         key=1, nesterov=True)
   state, update = tx.init(g), jax.jit(tx.update)
   for t in range(2 * kappa):
     out, state = update(g, state)
@@ -434,7 +440,7 @@ def test_nnx_optimizer_with_a_path_mask():
 
   model = nnx.Linear(16, 16, rngs=nnx.Rngs(0))
   mask = flora_jax.path_mask(lambda path, _: path.endswith('kernel'))
-  tx = flora_jax.flora(1e-2, rank=4, min_dim=8, mask=mask)
+  tx = flora_jax.flora(1e-2, rank=4, min_dim=8, projection_mask=mask)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   momentum = optimizer.opt_state[1].momentum
   assert momentum['kernel'].shape == (4, 16)

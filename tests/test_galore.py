@@ -11,6 +11,7 @@ from flora_jax import projections
 from flora_jax._src import projectors as projectors_impl
 
 SMALL = dict(min_dim=8)  # let the small test matrices be projected
+RULE = flora_jax.ProjectionRule(4, **SMALL)
 
 
 def _params():
@@ -135,7 +136,7 @@ def test_change_basis_equals_down_of_up():
 
 def test_identity_inner_gives_scaled_projection_of_the_gradient():
   """inner = identity: output = α Q Qᵀ G with Q the top-r SVD of G."""
-  tx = flora_jax.scale_by_galore(optax.identity(), 4, scale=0.5, **SMALL)
+  tx = flora_jax.scale_by_galore(optax.identity(), RULE, scale=0.5)
   params = _params()
   grads = _grads(0)
   updates, state = jax.jit(tx.update)(grads, tx.init(params))
@@ -150,7 +151,7 @@ def test_identity_inner_gives_scaled_projection_of_the_gradient():
 
 
 def test_inner_state_lives_on_low_rank_shapes():
-  tx = flora_jax.scale_by_galore(optax.scale_by_adam(), 4, **SMALL)
+  tx = flora_jax.scale_by_galore(optax.scale_by_adam(), RULE)
   state = tx.init(_params())
   mu = state.inner_state.mu
   assert mu['wide'].shape == (4, 32)
@@ -217,9 +218,8 @@ def test_refresh_is_a_branch_not_a_select_in_the_compiled_update():
 
 
 def test_transfer_moments_moves_mu_into_the_new_subspace():
-  tx = flora_jax.scale_by_galore(optax.scale_by_adam(), 4,
-                                 update_proj_gap=2, transfer_moments=True,
-                                 **SMALL)
+  tx = flora_jax.scale_by_galore(optax.scale_by_adam(), RULE,
+                                 update_proj_gap=2, transfer_moments=True)
   params = _params()
   state = tx.init(params)
   step = jax.jit(tx.update)
@@ -236,8 +236,8 @@ def test_transfer_moments_moves_mu_into_the_new_subspace():
   np.testing.assert_allclose(after.inner_state.mu['wide'], expected,
                              rtol=1e-5, atol=1e-6)
   # Off by default: mu stays in the old coordinates.
-  plain = flora_jax.scale_by_galore(optax.scale_by_adam(), 4,
-                                    update_proj_gap=2, **SMALL)
+  plain = flora_jax.scale_by_galore(optax.scale_by_adam(), RULE,
+                                    update_proj_gap=2)
   s = plain.init(params)
   plain_step = jax.jit(plain.update)
   for t in range(2):
@@ -250,15 +250,15 @@ def test_transfer_moments_moves_mu_into_the_new_subspace():
 
 
 def test_transfer_moments_with_trace_and_random_projector():
-  tx = flora_jax.scale_by_galore(optax.trace(0.9), 4, update_proj_gap=2,
+  tx = flora_jax.scale_by_galore(optax.trace(0.9), RULE, update_proj_gap=2,
                                  projector='random', transfer_moments=True,
-                                 key=3, **SMALL)
+                                 key=3)
   params = _params()
   state = tx.init(params)
   step = jax.jit(tx.update)
   for t in range(2):
     _, state = step(_grads(t), state)
-  plan = flora_jax.ProjectionRule(4, **SMALL).plan(params)['tall']
+  plan = RULE.plan(params)['tall']
   q_old = projections.random_projector(state.key, plan, 0)
   q_new = projections.random_projector(state.key, plan, 1)
   g = _grads(2)
@@ -282,7 +282,7 @@ def test_transfer_moments_with_trace_and_random_projector():
 def test_any_inner_optimizer_runs_and_decay_applies_in_full_space(inner):
   wd, lr = 0.1, 1e-2
   tx = optax.chain(
-      flora_jax.scale_by_galore(inner, 4, update_proj_gap=2, **SMALL),
+      flora_jax.scale_by_galore(inner, RULE, update_proj_gap=2),
       optax.add_decayed_weights(wd),
       optax.scale_by_learning_rate(lr),
   )
@@ -363,8 +363,8 @@ def _fira_hand(g, q, side, scale, formulation):
 @pytest.mark.parametrize('formulation', ['code', 'paper'])
 @pytest.mark.parametrize('name,side', [('wide', 'left'), ('tall', 'right')])
 def test_fira_phi_and_residual_match_hand_computation(formulation, name, side):
-  tx = flora_jax.scale_by_fira(optax.scale_by_sign(), 4, scale=0.25,
-                               formulation=formulation, **SMALL)
+  tx = flora_jax.scale_by_fira(optax.scale_by_sign(), RULE, scale=0.25,
+                               formulation=formulation)
   g = _grads(0)
   updates, state = jax.jit(tx.update)(g, tx.init(_params()))
   q = state.projectors[name]
@@ -375,8 +375,8 @@ def test_fira_phi_and_residual_match_hand_computation(formulation, name, side):
 
 
 def test_paper_residual_is_orthogonal_to_the_subspace():
-  tx = flora_jax.scale_by_fira(optax.scale_by_sign(), 4,
-                               formulation='paper', **SMALL)
+  tx = flora_jax.scale_by_fira(optax.scale_by_sign(), RULE,
+                               formulation='paper')
   g = _grads(0)
   _, state = jax.jit(tx.update)(g, tx.init(_params()))
   q = state.projectors['wide']
@@ -390,11 +390,10 @@ def test_fira_limiter_caps_residual_growth_and_survives_refresh():
   """With T=2: limited growth at steps 2 and 3 (across the refresh)."""
   gamma = 1.01
   # inner = identity makes φ = 1, so the residual grows with the gradient.
-  tx = flora_jax.scale_by_fira(optax.identity(), 4, update_proj_gap=2,
-                               growth_limit=gamma, **SMALL)
-  unlimited = flora_jax.scale_by_fira(optax.identity(), 4,
-                                      update_proj_gap=2, growth_limit=None,
-                                      **SMALL)
+  tx = flora_jax.scale_by_fira(optax.identity(), RULE, update_proj_gap=2,
+                               growth_limit=gamma)
+  unlimited = flora_jax.scale_by_fira(optax.identity(), RULE,
+                                      update_proj_gap=2, growth_limit=None)
   params = _params()
   s_lim, s_free = tx.init(params), unlimited.init(params)
   step_lim, step_free = jax.jit(tx.update), jax.jit(unlimited.update)
@@ -572,12 +571,16 @@ def test_state_bytes_against_optax_contrib_galore():
 
 
 @pytest.mark.parametrize('kwargs,error,match', [
-    (dict(rank=0), ValueError, 'rank'),
-    (dict(rank=-3), ValueError, 'rank'),
-    (dict(rank=4, update_proj_gap=0), ValueError, 'update_proj_gap'),
-    (dict(rank=4, projector='qr'), ValueError, 'projector'),
-    (dict(rank=4, power_iterations=-1), ValueError, 'power_iterations'),
-    (dict(rank=4, key='seed'), TypeError, 'key'),
+    (dict(rule=0), ValueError, 'rank'),
+    (dict(rule=-3), ValueError, 'rank'),
+    (dict(rule=4.0), TypeError, 'rule'),
+    (dict(rule=4, update_proj_gap=0), ValueError, 'update_proj_gap'),
+    (dict(rule=4, projector='qr'), ValueError, 'projector'),
+    (dict(rule=4, power_iterations=-1), ValueError, 'power_iterations'),
+    (dict(rule=4, projector='randomized', oversampling=1.5), ValueError,
+     'oversampling'),
+    (dict(rule=4, key='seed'), TypeError, 'key'),
+    (dict(rule=4, residual=('code', 1.01)), TypeError, 'residual'),
 ])
 def test_bad_arguments_are_refused_at_construction(kwargs, error, match):
   with pytest.raises(error, match=match):
@@ -598,7 +601,7 @@ def test_bad_fira_arguments():
 
 
 def test_inner_optimizer_that_needs_params_is_refused_at_init():
-  tx = flora_jax.scale_by_galore(optax.adamw(1e-3), 4, **SMALL)
+  tx = flora_jax.scale_by_galore(optax.adamw(1e-3), RULE)
   with pytest.raises(ValueError, match='add_decayed_weights'):
     tx.init(_params())
 

@@ -229,14 +229,14 @@ def test_first_sgd_step_is_the_best_rank_2r_gradient_step(direction):
 
 def test_lora_ga_scales_and_shape_of_the_offset():
   base, model, _ = _adapted()
-  flora_jax.nnx.lora_ga_init(model, _loss, [_batch(0)], scale='unit')
+  flora_jax.nnx.lora_ga_init(model, _loss, [_batch(0)], factor_scale='unit')
   a = model.blocks[0].up.lora_a[...]
   np.testing.assert_allclose(a.T @ a, np.eye(RANK), atol=1e-5)
   offset = base.blocks[0].up.kernel[...] - model.blocks[0].up.base_module.kernel[...]
   np.testing.assert_allclose(offset, a @ model.blocks[0].up.lora_b[...],
                              atol=1e-6)
   _, model, _ = _adapted()
-  flora_jax.nnx.lora_ga_init(model, _loss, [_batch(0)], scale=0.5)
+  flora_jax.nnx.lora_ga_init(model, _loss, [_batch(0)], factor_scale=0.5)
   a = model.blocks[0].up.lora_a[...]
   np.testing.assert_allclose(a.T @ a, 0.25 * np.eye(RANK), atol=1e-5)
 
@@ -328,8 +328,8 @@ def test_bad_lora_ga_inputs():
     flora_jax.nnx.lora_ga_init(model, _loss, iter([]))
   with pytest.raises(ValueError, match='direction'):
     flora_jax.nnx.lora_ga_init(model, _loss, [_batch(0)], direction='BrA2r')
-  with pytest.raises(ValueError, match='scale'):
-    flora_jax.nnx.lora_ga_init(model, _loss, [_batch(0)], scale=-1.0)
+  with pytest.raises(ValueError, match='factor_scale'):
+    flora_jax.nnx.lora_ga_init(model, _loss, [_batch(0)], factor_scale=-1.0)
   _, wide, _ = _adapted(rank=7)  # 2r = 14 > 12
   with pytest.raises(ValueError, match=r'blocks/0/down .* 2r = 14'):
     flora_jax.nnx.lora_ga_init(wide, _loss, [_batch(0)])

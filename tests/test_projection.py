@@ -74,18 +74,21 @@ def test_masks_pytree_prefix_callable_and_path_mask():
   assert projected(ProjectionRule(4, min_dim=8)) == [
       "['dec']['w']", "['enc']['w']"]
   prefix = {'enc': False, 'dec': True}
-  assert projected(ProjectionRule(4, min_dim=8, mask=prefix)) == ["['dec']['w']"]
+  assert projected(ProjectionRule(4, min_dim=8, projection_mask=prefix)) == [
+      "['dec']['w']"]
   as_callable = lambda t: {'enc': True, 'dec': False}
-  assert projected(ProjectionRule(4, min_dim=8, mask=as_callable)) == [
+  assert projected(
+      ProjectionRule(4, min_dim=8, projection_mask=as_callable)) == [
       "['enc']['w']"]
   by_path = flora_jax.path_mask(lambda path, x: path.startswith('dec/'))
   assert by_path(tree) == {'enc': {'w': False, 'b': False}, 'dec': {'w': True}}
-  assert projected(ProjectionRule(4, min_dim=8, mask=by_path)) == [
+  assert projected(ProjectionRule(4, min_dim=8, projection_mask=by_path)) == [
       "['dec']['w']"]
 
 
 def test_a_mask_that_does_not_fit_is_refused():
-  rule = ProjectionRule(4, min_dim=8, mask={'a': True, 'zzz': False})
+  rule = ProjectionRule(4, min_dim=8,
+                        projection_mask={'a': True, 'zzz': False})
   with pytest.raises(ValueError, match='mask'):
     rule.plan({'a': jnp.zeros((16, 16)), 'b': jnp.zeros((16, 16))})
 

@@ -72,17 +72,16 @@ def _put(tree, mesh):
 
 
 PROJECTION = dict(min_dim=32)
+RULE = flora_jax.ProjectionRule(RANK, **PROJECTION)
 TRANSFORMS = {
     'flora_compress': lambda: optax.chain(
-        flora_jax.flora_compress(RANK, kappa=2, **PROJECTION),
+        flora_jax.flora_compress(RULE, kappa=2),
         optax.adam(1e-2)),
     'flora_momentum': lambda: optax.chain(
-        flora_jax.scale_by_flora_momentum(0.9, rank=RANK, kappa=2,
-                                          **PROJECTION),
+        flora_jax.scale_by_flora_momentum(0.9, rule=RULE, kappa=2),
         optax.scale_by_learning_rate(1e-2)),
     'flora_multisteps': lambda: flora_jax.FloraMultiSteps(
-        optax.adam(1e-2), 2, rank=RANK, **PROJECTION
-    ).gradient_transformation(),
+        optax.adam(1e-2), 2, RULE).gradient_transformation(),
     'flora': lambda: flora_jax.flora(1e-2, rank=RANK, kappa=2,
                                      min_dim_size_to_factor=32, **PROJECTION),
     'galore': lambda: flora_jax.galore(1e-2, RANK, update_proj_gap=2,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,12 +72,12 @@ class FloraMultiSteps:
   def __init__(
       self,
       opt: optax.GradientTransformation,
-      every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
-      rule: Union[ProjectionRule, int],
+      every_k_schedule: int | Callable[[jax.Array], jax.Array],
+      rule: ProjectionRule | int,
       *,
       key: keys.PRNGKeyLike = 0,
       use_grad_mean: bool = True,
-      accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
+      accumulator_dtype: jax.typing.DTypeLike | None = None,
   ):
     validation.check_transformation('opt', opt)
     if not callable(every_k_schedule):
@@ -108,7 +109,8 @@ class FloraMultiSteps:
         key=keys.as_prng_key(self._key),
         inner_opt_state=self._opt.init(params),
         acc_sketch=jax.tree.map(
-            lambda plan: jnp.zeros(plan.low_rank_shape, self._accumulator_dtype),
+            lambda plan: jnp.zeros(plan.low_rank_shape,
+                                   self._accumulator_dtype),
             plans,
         ),
     )
@@ -117,7 +119,7 @@ class FloraMultiSteps:
       self,
       updates: optax.Updates,
       state: FloraMultiStepsState,
-      params: Optional[optax.Params] = None,
+      params: optax.Params | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, FloraMultiStepsState]:
     validation.check_updates_match_params(updates, params)
@@ -160,7 +162,7 @@ class FloraMultiSteps:
           inner_state,
           jax.tree.map(jnp.zeros_like, acc),
           jnp.zeros([], jnp.int32),
-          optax.safe_increment(cycle),
+          compat.safe_increment(cycle),
       )
 
     emitted_shapes = jax.eval_shape(emit, None)
@@ -176,7 +178,7 @@ class FloraMultiSteps:
           ),
           state.inner_opt_state,
           acc,
-          optax.safe_increment(state.mini_step),
+          compat.safe_increment(state.mini_step),
           cycle,
       )
 
@@ -192,8 +194,12 @@ class FloraMultiSteps:
     )
 
   def has_updated(self, state: FloraMultiStepsState) -> jax.Array:
-    """True if the last `update` ended a cycle and applied the inner optimizer."""
+    """True if the last `update` ended a cycle and ran the inner optimizer."""
     return jnp.logical_and(state.mini_step == 0, state.gradient_step > 0)
 
   def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
-    return optax.GradientTransformationExtraArgs(self.init, self.update)
+    # optax types the field with the plain update protocol, not the one with
+    # extra arguments that GradientTransformationExtraArgs calls.
+    return optax.GradientTransformationExtraArgs(
+        self.init, self.update  # pyright: ignore[reportArgumentType]
+    )

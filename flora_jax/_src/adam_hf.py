@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from flora_jax._src import compat
 from flora_jax._src import tree_util
 from flora_jax._src import validation
 
@@ -27,7 +27,7 @@ def scale_by_adam_hf(
     *,
     correct_bias: bool = True,
 ) -> optax.GradientTransformation:
-  r"""Adam as HF-transformers' ``AdamW`` (and GaLore's and Fira's code) computes it.
+  r"""Adam as HF-transformers' ``AdamW`` computes it (GaLore's, Fira's base).
 
   .. math::
 
@@ -40,7 +40,8 @@ def scale_by_adam_hf(
   (``m̂ / (sqrt(v̂) + ε)``); ``correct_bias=False`` drops ``c_t``.
 
   Args:
-    b1, b2: moment decays in [0, 1).
+    b1: first-moment decay in [0, 1).
+    b2: second-moment decay in [0, 1).
     eps: added to ``sqrt(v)``.
     correct_bias: multiply by ``c_t``.
 
@@ -70,7 +71,7 @@ def scale_by_adam_hf(
     del params
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-    count = optax.safe_increment(state.count)
+    count = compat.safe_increment(state.count)
     factor = hf_bias_correction(b1, b2)(state.count) if correct_bias else 1.0
     new_updates = jax.tree.map(
         lambda m, v, u: (factor * m / (jnp.sqrt(v) + eps)).astype(u.dtype),
@@ -83,7 +84,7 @@ def scale_by_adam_hf(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def hf_bias_correction(b1, b2) -> Callable[[jax.Array], jax.Array]:
+def hf_bias_correction(b1, b2) -> optax.Schedule:
   """``c_t = sqrt(1 - b2^t) / (1 - b1^t)`` as a function of the 0-based count.
 
   ``1 - b^t`` is computed as ``-expm1(t log b)`` with ``log b`` in double
@@ -94,7 +95,7 @@ def hf_bias_correction(b1, b2) -> Callable[[jax.Array], jax.Array]:
 
   def log(b):
     if isinstance(b, numbers.Real):
-      return math.log(b) if b > 0 else -math.inf
+      return math.log(b) if float(b) > 0 else -math.inf
     return jnp.log(b)
 
   log1, log2 = log(b1), log(b2)
@@ -121,14 +122,16 @@ def decay_after_update(
           'galore/fira with weight_decay needs params: call'
           ' tx.update(grads, state, params).'
       )
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    lr = learning_rate
+    if callable(learning_rate):
+      lr = learning_rate(state.count)
     new_updates = jax.tree.map(
         lambda d, p: (d - lr * weight_decay * (p + d)).astype(d.dtype),
         updates,
         params,
     )
     return new_updates, optax.ScaleByScheduleState(
-        count=optax.safe_increment(state.count)
+        count=compat.safe_increment(state.count)
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -8,7 +8,8 @@ the `ProjectionRule` that the ``scale_by_*`` transforms take.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal, Optional
+from typing import Literal
+from collections.abc import Callable
 
 import jax
 import optax
@@ -33,22 +34,22 @@ def flora(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
     kappa: int = flora_lib.DEFAULT_KAPPA,
-    b1: Optional[float] = 0.9,
+    b1: float | None = 0.9,
     *,
     key: keys.PRNGKeyLike = 0,
     decay_rate: float = 0.8,
     decay_offset: int = 0,
     min_dim_size_to_factor: int = 128,
     eps: float = 1e-30,
-    clipping_threshold: Optional[float] = 1.0,
+    clipping_threshold: float | None = 1.0,
     multiply_by_parameter_scale: bool = False,
-    weight_decay: Optional[float] = None,
+    weight_decay: float | None = None,
     weight_decay_mask: MaskOrFn = None,
     nesterov: bool = False,
-    momentum_dtype: Optional[jax.typing.DTypeLike] = None,
+    momentum_dtype: jax.typing.DTypeLike | None = None,
     side: Side = 'auto',
     min_dim: int = 128,
-    max_aspect_ratio: Optional[float] = 4.0,
+    max_aspect_ratio: float | None = 4.0,
     projection_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   r"""The Flora optimizer: Adafactor with compressed momentum.
@@ -132,7 +133,9 @@ def flora(
   if multiply_by_parameter_scale:
     transforms.append(optax.scale_by_param_block_rms())
   if validation.may_be_nonzero(weight_decay):
-    transforms.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    transforms.append(
+        optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    )
   transforms.append(optax.scale_by_learning_rate(learning_rate))
   return tree_util.init_on_arrays(optax.chain(*transforms))
 
@@ -145,8 +148,8 @@ def galore(
     scale: float = 0.25,
     b1: float = 0.9,
     b2: float = 0.999,
-    eps: Optional[float] = None,
-    weight_decay: Optional[float] = None,
+    eps: float | None = None,
+    weight_decay: float | None = None,
     *,
     weight_decay_mask: MaskOrFn = None,
     adam: AdamFlavour = 'hf',
@@ -158,7 +161,7 @@ def galore(
     oversampling: int = 8,
     side: Side = 'auto',
     min_dim: int = 128,
-    max_aspect_ratio: Optional[float] = 4.0,
+    max_aspect_ratio: float | None = 4.0,
     projection_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   r"""GaLore-AdamW: Adam in the top-``r`` gradient subspace of each matrix.
@@ -235,11 +238,11 @@ def fira(
     scale: float = 0.25,
     b1: float = 0.9,
     b2: float = 0.999,
-    eps: Optional[float] = None,
-    weight_decay: Optional[float] = None,
+    eps: float | None = None,
+    weight_decay: float | None = None,
     *,
     formulation: Formulation = 'code',
-    growth_limit: Optional[float] = 1.01,
+    growth_limit: float | None = 1.01,
     weight_decay_mask: MaskOrFn = None,
     adam: AdamFlavour = 'hf',
     projector: subspace.ProjectorName = 'svd',
@@ -250,7 +253,7 @@ def fira(
     oversampling: int = 8,
     side: Side = 'auto',
     min_dim: int = 128,
-    max_aspect_ratio: Optional[float] = 4.0,
+    max_aspect_ratio: float | None = 4.0,
     projection_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   r"""Fira-AdamW: GaLore-AdamW plus the scaled residual and its limiter.
@@ -322,8 +325,8 @@ def _adam_in_subspace(
     learning_rate: optax.ScalarOrSchedule,
     b1: float,
     b2: float,
-    eps: Optional[float],
-    weight_decay: Optional[float],
+    eps: float | None,
+    weight_decay: float | None,
     weight_decay_mask: MaskOrFn,
     adam: AdamFlavour,
 ) -> optax.GradientTransformation:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+import optax
 
 
 # XLA_FLAGS entry that makes conditionals with collectives safe on simulated
@@ -13,6 +16,11 @@ import jax
 SEQUENTIAL_CPU_SCHEDULER = (
     '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 )
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+  """`optax.safe_increment`, typed as the array it returns."""
+  return jnp.asarray(optax.safe_increment(count))
 
 
 def several_cpu_devices() -> bool:

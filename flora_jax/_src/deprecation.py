@@ -13,7 +13,8 @@ import dataclasses
 import functools
 import inspect
 import warnings
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 
 from flora_jax._src.projection import ProjectionRule
 

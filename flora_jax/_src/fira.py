@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +73,7 @@ class FiraResidual:
   """
 
   formulation: Formulation = 'code'
-  growth_limit: Optional[float] = 1.01
+  growth_limit: float | None = 1.01
 
   def __post_init__(self):
     validation.check_choice('formulation', self.formulation, Formulation)
@@ -87,7 +87,7 @@ class FiraResidual:
 
   def update(
       self,
-      plan: LeafPlan,
+      side: str,
       g: jax.Array,
       q: jax.Array,
       low_rank: jax.Array,
@@ -98,7 +98,7 @@ class FiraResidual:
     """One projected leaf's float32 update and its limiter norm.
 
     Args:
-      plan: the leaf's `LeafPlan`.
+      side: the leaf's compressed side, ``'left'`` or ``'right'``.
       g: its gradient ``G``.
       q: its projector.
       low_rank: ``R = down(G)``.
@@ -106,12 +106,12 @@ class FiraResidual:
       scale: α.
       previous_norm: the limiter's stored norm.
     """
-    rank_axis = -2 if plan.side == 'left' else -1
+    rank_axis = -2 if side == 'left' else -1
     phi = jnp.linalg.norm(inner_update, axis=rank_axis, keepdims=True) / (
         jnp.linalg.norm(low_rank, axis=rank_axis, keepdims=True) + _PHI_EPS
     )
-    r_back = projectors.project_up(q, low_rank, plan.side)
-    back = projectors.project_up(q, inner_update, plan.side)
+    r_back = projectors.project_up(q, low_rank, side)
+    back = projectors.project_up(q, inner_update, side)
     g = g.astype(jnp.float32)
     if self.formulation == 'code':
       s = phi * (g - scale * r_back)
@@ -150,7 +150,9 @@ class LimitNormGrowthState(NamedTuple):
 
 
 @deprecation.renamed_arguments(max_growth='growth_limit')
-def limit_norm_growth(growth_limit: float = 1.01) -> optax.GradientTransformation:
+def limit_norm_growth(
+    growth_limit: float = 1.01,
+) -> optax.GradientTransformation:
   r"""Fira's norm-growth limiter, per leaf, for any optimizer.
 
   .. math::

@@ -17,7 +17,7 @@ optimizer alias `flora` is in `alias.py`, compressed gradient accumulation
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,12 +55,12 @@ class FloraMomentumState(NamedTuple):
 
 @deprecation.flat_projection_arguments
 def flora_compress(
-    rule: Union[ProjectionRule, int],
+    rule: ProjectionRule | int,
     *,
     kappa: int = DEFAULT_KAPPA,
     key: keys.PRNGKeyLike = 0,
 ) -> optax.GradientTransformation:
-  r"""Compresses and decompresses each projected gradient with a random projection.
+  r"""Replaces each projected gradient by its random-projection round trip.
 
   Each projected gradient ``G`` (see `flora_jax.ProjectionRule`) is replaced
   by
@@ -126,7 +126,7 @@ def flora_compress(
 
     new_updates = jax.tree.map(compress, plans, updates)
     return new_updates, FloraCompressState(
-        count=optax.safe_increment(state.count), key=state.key
+        count=compat.safe_increment(state.count), key=state.key
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -136,11 +136,11 @@ def flora_compress(
 def scale_by_flora_momentum(
     b1: float = 0.9,
     *,
-    rule: Union[ProjectionRule, int],
+    rule: ProjectionRule | int,
     kappa: int = DEFAULT_KAPPA,
     key: keys.PRNGKeyLike = 0,
     nesterov: bool = False,
-    momentum_dtype: Optional[jax.typing.DTypeLike] = None,
+    momentum_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Exponential moving average of the updates, stored in compressed form.
 
@@ -153,7 +153,8 @@ def scale_by_flora_momentum(
     C_{t-1} &\leftarrow \mathrm{down}_{Q_t}(\mathrm{up}_{Q_{t-1}}(C_{t-1}))
         \quad\text{(only when } Q \text{ was just re-drawn)} \\
     C_t &= \beta_1 C_{t-1} + (1 - \beta_1)\, \mathrm{down}_{Q_t}(u_t) \\
-    \text{output}_t &= \beta_1\, \mathrm{up}_{Q_t}(C_{t-1}) + (1 - \beta_1)\, u_t
+    \text{output}_t &= \beta_1\, \mathrm{up}_{Q_t}(C_{t-1})
+        + (1 - \beta_1)\, u_t
 
   The transfer at a resample moves the momentum into the new subspace, as in
   the paper's Algorithm 2 and its PyTorch code, and the current update enters
@@ -198,7 +199,9 @@ def scale_by_flora_momentum(
   rule = ProjectionRule.of(rule)
   kappa = validation.check_positive_or_traced('kappa', kappa)
   validation.check_in_range('b1', b1, 0.0, 1.0)
-  momentum_dtype = validation.check_float_dtype('momentum_dtype', momentum_dtype)
+  momentum_dtype = validation.check_float_dtype(
+      'momentum_dtype', momentum_dtype
+  )
   validation.check_key('key', key)
 
   def init_fn(params):
@@ -236,7 +239,7 @@ def scale_by_flora_momentum(
     results = jax.tree.map(update_leaf, plans, updates, state.momentum)
     new_updates, new_momentum = tree_util.unzip_leaves(plans, results, 2)
     return new_updates, FloraMomentumState(
-        count=optax.safe_increment(state.count),
+        count=compat.safe_increment(state.count),
         key=state.key,
         momentum=new_momentum,
     )
@@ -255,7 +258,8 @@ def _momentum_step(
     resampled: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
   """One leaf's (output, new momentum), in float32; see the formulas above."""
-  if not plan.projected:
+  side = plan.side
+  if side is None:  # not projected: a full momentum
     c_new = b1 * c + (1 - b1) * u
     out = b1 * c_new + (1 - b1) * u if nesterov else c_new
     return out, c_new
@@ -264,11 +268,11 @@ def _momentum_step(
 
   def transfer(c):
     q_old = projectors.random_projector(key, plan, index - 1)
-    full = projectors.project_up(q_old, c, plan.side)
-    return projectors.project_down(q, full, plan.side)
+    full = projectors.project_up(q_old, c, side)
+    return projectors.project_down(q, full, side)
 
   c = compat.cond(resampled, transfer, lambda c: c, c)
-  c_new = b1 * c + (1 - b1) * projectors.project_down(q, u, plan.side)
+  c_new = b1 * c + (1 - b1) * projectors.project_down(q, u, side)
   history = c_new if nesterov else c
-  out = b1 * projectors.project_up(q, history, plan.side) + (1 - b1) * u
+  out = b1 * projectors.project_up(q, history, side) + (1 - b1) * u
   return out, c_new

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import numbers
 import zlib
-from typing import Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-PRNGKeyLike = Union[int, jax.Array, np.ndarray]
+PRNGKeyLike = int | jax.Array | np.ndarray
 
 
 def as_prng_key(key: PRNGKeyLike, name: str = 'key') -> jax.Array:
@@ -31,6 +30,7 @@ def as_prng_key(key: PRNGKeyLike, name: str = 'key') -> jax.Array:
   if isinstance(key, numbers.Integral):
     return jax.random.key(int(key))
   if isinstance(key, (jax.Array, np.ndarray)):
+    key = jnp.asarray(key)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
       if key.shape != ():
         raise ValueError(
@@ -64,5 +64,14 @@ def projection_key(key: jax.Array, path: str, index: jax.Array) -> jax.Array:
 
   Returns:
     A typed key; the same in every process and every run.
+
+  Example:
+    >>> import jax
+    >>> from flora_jax import projections
+    >>> key = jax.random.key(0)
+    >>> first = projections.projection_key(key, "['w']", 0)
+    >>> second = projections.projection_key(key, "['w']", 1)
+    >>> bool((jax.random.key_data(first) != jax.random.key_data(second)).any())
+    True
   """
   return jax.random.fold_in(jax.random.fold_in(key, path_id(path)), index)

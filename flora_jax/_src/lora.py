@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 from flax import nnx
 import jax
@@ -31,7 +31,7 @@ from flora_jax._src import tree_util
 from flora_jax._src import validation
 
 Path = tuple[Any, ...]
-TargetSpec = Union[str, Sequence[str], Callable[[str, nnx.Module], bool]]
+TargetSpec = str | Sequence[str] | Callable[[str, nnx.Module], bool]
 
 # PEFT's default for lora_A (kaiming_uniform with a=sqrt(5)): U(±1/sqrt(in)).
 _default_a_initializer = nnx.initializers.variance_scaling(
@@ -39,7 +39,7 @@ _default_a_initializer = nnx.initializers.variance_scaling(
 )
 
 
-def lora_scale(rank: int, alpha: Optional[float] = None, rslora: bool = False):
+def lora_scale(rank: int, alpha: float | None = None, rslora: bool = False):
   """The LoRA scale ``s``: ``α / r``, or ``α / sqrt(r)`` with rsLoRA.
 
   Args:
@@ -62,7 +62,7 @@ def lora_scale(rank: int, alpha: Optional[float] = None, rslora: bool = False):
 
 
 class LoRAInitialFactor(nnx.Variable):
-  """A factor's value at LoRA-GA initialisation (not trained, kept for export)."""
+  """A factor's value at LoRA-GA initialisation: kept for export."""
 
 
 class ScaledLoRA(nnx.LoRA):
@@ -75,7 +75,13 @@ class ScaledLoRA(nnx.LoRA):
     scale: ``s`` (a Python float).
     merged: True after `merge_lora`: the base kernel holds ``s A B`` and the
       adapter's own term is skipped.
+    initial_a: ``lora_a`` as `lora_ga_init` set it (only after it ran).
+    initial_b: ``lora_b`` as `lora_ga_init` set it (only after it ran).
   """
+
+  base_module: nnx.Linear
+  initial_a: LoRAInitialFactor
+  initial_b: LoRAInitialFactor
 
   def __init__(
       self,
@@ -175,7 +181,7 @@ class ScaledLoRAEmbed(nnx.Module):
     return self.base_module.embedding
 
 
-Adapter = Union[ScaledLoRA, ScaledLoRAEmbed]
+Adapter = ScaledLoRA | ScaledLoRAEmbed
 _ADAPTABLE = (nnx.Linear, nnx.Embed)
 
 
@@ -215,7 +221,7 @@ def _inside(path: Path, prefixes: Iterable[Path]) -> bool:
 
 
 def _replace_submodule(model: nnx.Module, path: Path, new: nnx.Module) -> None:
-  parent = model
+  parent: Any = model
   for key in path[:-1]:
     parent = getattr(parent, key) if isinstance(key, str) else parent[key]
   if isinstance(path[-1], str):
@@ -229,7 +235,7 @@ def add_lora(
     targets: TargetSpec,
     rank: int,
     *,
-    alpha: Optional[float] = None,
+    alpha: float | None = None,
     rslora: bool = False,
     rngs: nnx.Rngs,
     a_initializer=_default_a_initializer,
@@ -326,7 +332,7 @@ def _matching_layers(model: nnx.Module, targets: TargetSpec):
   return chosen
 
 
-def _matrix_shape(module: Union[nnx.Linear, nnx.Embed]) -> tuple[int, int]:
+def _matrix_shape(module: nnx.Linear | nnx.Embed) -> tuple[int, int]:
   if isinstance(module, nnx.Linear):
     return module.in_features, module.out_features
   return module.num_embeddings, module.features
@@ -350,6 +356,23 @@ def merge_lora(model: nnx.Module) -> None:
   The merged model computes the same function without the adapter term (one
   matmul per layer). Gradients no longer reach the factors until
   `unmerge_lora`, which subtracts the same product again.
+
+  Args:
+    model: a model with adapters (`add_lora`), modified in place.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from flora_jax import nnx as lora
+    >>> model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)))
+    >>> lora.add_lora(model, 'layers/0', rank=2, rngs=nnx.Rngs(1))
+    ('layers/0',)
+    >>> model.layers[0].lora_b[...] = jnp.ones((2, 8))  # as if trained
+    >>> x = jnp.ones((1, 8))
+    >>> before = model(x)
+    >>> lora.merge_lora(model)
+    >>> bool(jnp.allclose(model(x), before, atol=1e-5))
+    True
   """
   for _, adapter in adapters_of(model, 'merge_lora'):
     if not adapter.merged:
@@ -358,7 +381,11 @@ def merge_lora(model: nnx.Module) -> None:
 
 
 def unmerge_lora(model: nnx.Module) -> None:
-  """Undoes `merge_lora`: ``W <- W - s A B`` (in place)."""
+  """Undoes `merge_lora`: ``W <- W - s A B`` (in place).
+
+  Args:
+    model: a model with adapters (`add_lora`), modified in place.
+  """
   for _, adapter in adapters_of(model, 'unmerge_lora'):
     if adapter.merged:
       add_to(adapter.base_weight, -adapter.delta())
@@ -369,13 +396,20 @@ def unmerge_lora(model: nnx.Module) -> None:
 
 
 class LoRADelta(NamedTuple):
-  """A weight delta ``scale · a @ b`` in the base weight's layout."""
+  """A weight delta ``scale · a @ b`` in the base weight's layout.
+
+  Attributes:
+    a: ``(in, k)`` for a kernel, ``(num_embeddings, k)`` for a table.
+    b: ``(k, out)`` for a kernel, ``(k, features)`` for a table.
+    scale: the LoRA scale ``s``.
+  """
 
   a: jax.Array  # (in, k) for a kernel, (num_embeddings, k) for a table
   b: jax.Array  # (k, out) / (k, features)
   scale: float
 
   def dense(self) -> jax.Array:
+    """The delta as a full float32 matrix."""
     return self.scale * (jnp.asarray(self.a, jnp.float32)
                          @ jnp.asarray(self.b, jnp.float32))
 
@@ -396,13 +430,30 @@ def lora_delta(model: nnx.Module) -> dict[str, LoRADelta]:
   ``W0`` (`apply_lora_delta`), e.g. a base model loaded from its original
   checkpoint. Merged or not makes no difference.
 
+  Args:
+    model: a model with adapters (`add_lora`).
+
   Returns:
     ``{module path: LoRADelta}``, keyed like `add_lora`'s result.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from flora_jax import nnx as lora
+    >>> model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)))
+    >>> lora.add_lora(model, 'layers/0', rank=2, rngs=nnx.Rngs(1))
+    ('layers/0',)
+    >>> original = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)))
+    >>> model.layers[0].lora_b[...] = jnp.ones((2, 8))  # as if trained
+    >>> lora.apply_lora_delta(original, lora.lora_delta(model))
+    >>> x = jnp.ones((1, 8))
+    >>> bool(jnp.allclose(original(x), model(x), atol=1e-5))
+    True
   """
   deltas = {}
   for path, adapter in adapters_of(model, 'lora_delta'):
     a, b = (v[...] for v in _factors(adapter))
-    if hasattr(adapter, 'initial_a'):
+    if isinstance(adapter, ScaledLoRA) and hasattr(adapter, 'initial_a'):
       a = jnp.concatenate([a, -adapter.initial_a[...]], axis=1)
       b = jnp.concatenate([b, adapter.initial_b[...]], axis=0)
     deltas[tree_util.path_string(path)] = LoRADelta(a, b, adapter.scale)
@@ -412,10 +463,19 @@ def lora_delta(model: nnx.Module) -> dict[str, LoRADelta]:
 def apply_lora_delta(model: nnx.Module, deltas: dict[str, LoRADelta]) -> None:
   """Adds exported deltas to a model without adapters (in place).
 
-  Each key must name an `nnx.Linear` (its kernel gets the delta) or an
-  `nnx.Embed` (its table) of ``model`` with the delta's shape.
+  Args:
+    model: a model without adapters, e.g. the base model loaded again from
+      its original checkpoint; modified in place.
+    deltas: from `lora_delta`. Each key must name an `nnx.Linear` (its
+      kernel gets the delta) or an `nnx.Embed` (its table) of ``model`` with
+      the delta's shape.
+
+  Raises:
+    ValueError: a key names no such layer, or the shapes differ.
   """
-  modules = {tree_util.path_string(p): m for p, m in nnx.iter_modules(model) if p}
+  modules = {
+      tree_util.path_string(p): m for p, m in nnx.iter_modules(model) if p
+  }
   for name, delta in deltas.items():
     module = modules.get(name)
     if isinstance(module, nnx.Linear):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, Literal, NamedTuple
 
 from flax import nnx
 import jax
@@ -40,7 +40,7 @@ def lora_ga_init(
     batches: Iterable[Any],
     *,
     direction: Direction = 'ArB2r',
-    factor_scale: Union[FactorScale, float] = 'stable',
+    factor_scale: FactorScale | float = 'stable',
     stable_gamma: float = 16.0,
     key: keys.PRNGKeyLike = 0,
 ) -> dict[str, jax.Array]:

@@ -1,10 +1,10 @@
-"""LoRA+: the B factors of LoRA adapters learn λ times faster than the A factors."""
+"""LoRA+: the B factors of LoRA adapters learn λ times faster than the A."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import optax
@@ -31,6 +31,18 @@ def is_bias_or_norm(path: str, leaf: Any) -> bool:
 
   Flax names them ``bias`` (every layer) and ``scale`` (`nnx.LayerNorm`,
   `nnx.RMSNorm`, `nnx.GroupNorm`, `nnx.BatchNorm`).
+
+  Args:
+    path: the parameter's path joined by ``'/'``.
+    leaf: the parameter (unused).
+
+  Returns:
+    Whether the path ends in ``bias`` or ``scale``.
+
+  Example:
+    >>> from flora_jax import nnx as lora
+    >>> lora.is_bias_or_norm('blocks/0/norm/scale', None)
+    True
   """
   del leaf
   return path.rsplit('/', 1)[-1] in ('bias', 'scale')
@@ -39,7 +51,7 @@ def is_bias_or_norm(path: str, leaf: Any) -> bool:
 def lora_plus_labels(
     params: Any,
     *,
-    trainable: Optional[PathPredicate] = None,
+    trainable: PathPredicate | None = None,
     no_decay: PathPredicate = is_bias_or_norm,
 ) -> Any:
   """Labels every leaf with its LoRA+ group, from the parameter paths.
@@ -66,6 +78,15 @@ def lora_plus_labels(
 
   Raises:
     ValueError: ``params`` holds no LoRA factor.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flora_jax import nnx as lora
+    >>> params = {'q': {'kernel': jnp.zeros((8, 8)),
+    ...                 'lora_a': jnp.zeros((8, 2)),
+    ...                 'lora_b': jnp.zeros((2, 8))}}
+    >>> lora.lora_plus_labels(params)
+    {'q': {'kernel': 'frozen', 'lora_a': 'lora_a', 'lora_b': 'lora_b'}}
   """
   params = tree_util.unwrap_variables(params)
 
@@ -111,12 +132,12 @@ def lora_plus(
     *,
     embedding_learning_rate: optax.ScalarOrSchedule = 1e-6,
     weight_decay: float = 0.0,
-    max_grad_norm: Optional[float] = None,
+    max_grad_norm: float | None = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    scale_by: Optional[optax.GradientTransformation] = None,
-    trainable: Optional[PathPredicate] = None,
+    scale_by: optax.GradientTransformation | None = None,
+    trainable: PathPredicate | None = None,
     no_decay: PathPredicate = is_bias_or_norm,
 ) -> optax.GradientTransformation:
   r"""LoRA+ AdamW: the B factors get λ times the learning rate of the A factors.
@@ -190,9 +211,10 @@ def lora_plus(
   labels = functools.partial(
       lora_plus_labels, trainable=trainable, no_decay=no_decay
   )
-  in_groups = lambda *groups: lambda params: jax.tree.map(
-      lambda label: label in groups, labels(params)
-  )
+  def in_groups(*groups):
+    return lambda params: jax.tree.map(
+        lambda label: label in groups, labels(params)
+    )
   trained = in_groups(A_FACTORS, B_FACTORS, B_NO_DECAY, EMBEDDING)
   chain = []
   if max_grad_norm is not None:

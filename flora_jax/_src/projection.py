@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -24,7 +25,7 @@ Side = Literal['auto', 'larger', 'left', 'right']
 
 # A mask in optax's convention: a pytree (or pytree prefix) of bools, or a
 # callable mapping the parameter tree to one.
-MaskOrFn = Union[Any, Callable[[Any], Any], None]
+MaskOrFn = Any | Callable[[Any], Any] | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +46,8 @@ class LeafPlan:
 
   path: str
   shape: tuple[int, ...]
-  side: Optional[Literal['left', 'right']] = None
-  rank: Optional[int] = None
+  side: Literal['left', 'right'] | None = None
+  rank: int | None = None
 
   @property
   def projected(self) -> bool:
@@ -69,7 +70,7 @@ class LeafPlan:
 
   @property
   def low_rank_shape(self) -> tuple[int, ...]:
-    """Shape of ``down(X)``; the full shape for leaves that are not projected."""
+    """Shape of ``down(X)``; the full shape for a leaf that is not projected."""
     if not self.projected:
       return self.shape
     m, n = self.shape[-2:]
@@ -132,7 +133,7 @@ class ProjectionRule:
   rank: int
   side: Side = 'auto'
   min_dim: int = 128
-  max_aspect_ratio: Optional[float] = 4.0
+  max_aspect_ratio: float | None = 4.0
   projection_mask: MaskOrFn = None
   mask: dataclasses.InitVar[MaskOrFn] = None
 
@@ -155,7 +156,7 @@ class ProjectionRule:
       object.__setattr__(self, 'projection_mask', mask)
 
   @classmethod
-  def of(cls, rule: Union[ProjectionRule, int]) -> ProjectionRule:
+  def of(cls, rule: ProjectionRule | int) -> ProjectionRule:
     """``rule`` itself, or ``ProjectionRule(rule)`` for an int rank."""
     if isinstance(rule, cls):
       return rule
@@ -175,7 +176,8 @@ class ProjectionRule:
     small, large = min(m, n), max(m, n)
     if small < max(self.min_dim, 1):
       return LeafPlan(path, shape)
-    if self.max_aspect_ratio is not None and large > self.max_aspect_ratio * small:
+    ratio = self.max_aspect_ratio
+    if ratio is not None and large > ratio * small:
       return LeafPlan(path, shape)
     side = self._side(m, n)
     dim = m if side == 'left' else n
@@ -201,7 +203,8 @@ class ProjectionRule:
     mask_leaves = _mask_leaves(self.projection_mask, tree)
     paths_and_leaves, treedef = jax.tree.flatten_with_path(tree)
     plans = []
-    for (key_path, leaf), keep in zip(paths_and_leaves, mask_leaves):
+    for (key_path, leaf), keep in zip(paths_and_leaves, mask_leaves,
+                                      strict=True):
       path = jax.tree_util.keystr(key_path)
       plan = self.leaf_plan(path, np.shape(leaf))
       if not keep:

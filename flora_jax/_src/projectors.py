@@ -19,7 +19,7 @@ sharded axis is given its output layout here, so callers never see it.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from flora_jax._src import compat
 from flora_jax._src import keys
 from flora_jax._src.projection import LeafPlan
 
-ProjectedSide = Literal['left', 'right']
+_SIDES = ('left', 'right')
 
 
 def gaussian_projector(
@@ -46,11 +46,24 @@ def gaussian_projector(
 
   Returns:
     ``Q``, shape ``plan.projector_shape``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flora_jax
+    >>> from flora_jax import projections
+    >>> plan = flora_jax.ProjectionRule(64).leaf_plan('w', (256, 512))
+    >>> q = projections.gaussian_projector(jax.random.key(0), plan)
+    >>> q.shape, round(float(jnp.var(q)) * 64, 1)  # entries N(0, 1/r)
+    ((256, 64), 1.0)
   """
   scale = 1.0 / math.sqrt(plan.projector_shape[-1])
   return jax.random.normal(key, plan.projector_shape, dtype) * jnp.asarray(
       scale, dtype
   )
+
+
+def _check_side(side: str) -> None:
+  if side not in _SIDES:
+    raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
 
 
 def _spec(x: jax.Array) -> tuple[Any, ...]:
@@ -72,7 +85,7 @@ def _reduced_sharding(contracted: tuple[Any, ...], kept: tuple[Any, ...]):
   return jax.sharding.PartitionSpec(*kept)
 
 
-def project_down(q: jax.Array, x: jax.Array, side: ProjectedSide) -> jax.Array:
+def project_down(q: jax.Array, x: jax.Array, side: str) -> jax.Array:
   """``down(X)``: ``Qᵀ X`` (side 'left') or ``X Q`` (side 'right').
 
   Args:
@@ -93,6 +106,7 @@ def project_down(q: jax.Array, x: jax.Array, side: ProjectedSide) -> jax.Array:
     >>> projections.project_down(q, jnp.ones((16, 32)), plan.side).shape
     (4, 32)
   """
+  _check_side(side)
   x = x.astype(q.dtype)
   x_spec, q_spec = _spec(x), _spec(q)
   if side == 'left':
@@ -119,7 +133,7 @@ def _outer_sharding(lead, rows, columns):
   return jax.sharding.PartitionSpec(*lead, rows, columns)
 
 
-def project_up(q: jax.Array, c: jax.Array, side: ProjectedSide) -> jax.Array:
+def project_up(q: jax.Array, c: jax.Array, side: str) -> jax.Array:
   """``up(C)``: ``Q C`` (side 'left') or ``C Qᵀ`` (side 'right').
 
   Args:
@@ -129,7 +143,17 @@ def project_up(q: jax.Array, c: jax.Array, side: ProjectedSide) -> jax.Array:
 
   Returns:
     The full-size ``(..., m, n)`` matrix.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flora_jax
+    >>> from flora_jax import projections
+    >>> plan = flora_jax.ProjectionRule(4, min_dim=8).leaf_plan('w', (32, 16))
+    >>> q = projections.gaussian_projector(jax.random.key(0), plan)
+    >>> low = projections.project_down(q, jnp.ones((32, 16)), plan.side)
+    >>> low.shape, projections.project_up(q, low, plan.side).shape
+    ((32, 4), (32, 16))
   """
+  _check_side(side)
   c = c.astype(q.dtype)
   q_spec, c_spec = _spec(q), _spec(c)
   if side == 'left':
@@ -140,7 +164,7 @@ def project_up(q: jax.Array, c: jax.Array, side: ProjectedSide) -> jax.Array:
 
 
 def change_basis(
-    q_old: jax.Array, q_new: jax.Array, c: jax.Array, side: ProjectedSide
+    q_old: jax.Array, q_new: jax.Array, c: jax.Array, side: str
 ) -> jax.Array:
   """``down_new(up_old(C))`` through an ``r x r`` matrix, never a full one.
 
@@ -156,7 +180,21 @@ def change_basis(
 
   Returns:
     ``c`` in the new basis, same shape, in ``q_new.dtype``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flora_jax
+    >>> from flora_jax import projections
+    >>> plan = flora_jax.ProjectionRule(4, min_dim=8).leaf_plan('w', (16, 32))
+    >>> q0, q1 = (projections.random_projector(jax.random.key(0), plan, i)
+    ...           for i in (0, 1))
+    >>> c = jnp.ones(plan.low_rank_shape)
+    >>> through_full = projections.project_down(
+    ...     q1, projections.project_up(q0, c, 'left'), 'left')
+    >>> bool(jnp.allclose(projections.change_basis(q0, q1, c, 'left'),
+    ...                   through_full, atol=1e-5))
+    True
   """
+  _check_side(side)
   new_spec, old_spec = _spec(q_new), _spec(q_old)
   overlap = jnp.einsum(
       '...dr,...ds->...rs', q_new, q_old.astype(q_new.dtype),
@@ -172,7 +210,7 @@ def change_basis(
 def random_projector(
     key: jax.Array, plan: LeafPlan, index: jax.Array
 ) -> jax.Array:
-  """The Gaussian projector number ``index`` of a leaf, regenerated from ``key``.
+  """The Gaussian projector number ``index`` of a leaf, regenerated.
 
   This is how Flora never stores a projector: the same ``(key, path,
   index)`` always gives the same ``Q`` (`gaussian_projector` with the key
@@ -185,6 +223,15 @@ def random_projector(
 
   Returns:
     ``Q``, shape ``plan.projector_shape``, float32.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flora_jax
+    >>> from flora_jax import projections
+    >>> plan = flora_jax.ProjectionRule(4, min_dim=8).leaf_plan('w', (16, 32))
+    >>> key = jax.random.key(0)
+    >>> again = projections.random_projector(key, plan, 3)
+    >>> bool(jnp.all(projections.random_projector(key, plan, 3) == again))
+    True
   """
   return gaussian_projector(keys.projection_key(key, plan.path, index), plan)
 
@@ -230,6 +277,15 @@ def svd_projector(
 
   Returns:
     ``Q`` with orthonormal columns, ``plan.projector_shape``, float32.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flora_jax
+    >>> from flora_jax import projections
+    >>> plan = flora_jax.ProjectionRule(2, min_dim=4).leaf_plan('w', (6, 8))
+    >>> g = jax.random.normal(jax.random.key(0), (6, 8))
+    >>> q = projections.svd_projector(g, plan)
+    >>> q.shape, bool(jnp.allclose(q.T @ q, jnp.eye(2), atol=1e-5))
+    ((6, 2), True)
   """
   rank = plan.projector_shape[-1]
 
@@ -273,6 +329,17 @@ def randomized_projector(
 
   Returns:
     ``Q`` with orthonormal columns, ``plan.projector_shape``, float32.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flora_jax
+    >>> from flora_jax import projections
+    >>> plan = flora_jax.ProjectionRule(2, min_dim=4).leaf_plan('w', (64, 48))
+    >>> u = jax.random.normal(jax.random.key(0), (64, 2))
+    >>> g = u @ jax.random.normal(jax.random.key(1), (2, 48))  # rank 2
+    >>> q = projections.randomized_projector(jax.random.key(2), g, plan)
+    >>> exact = projections.svd_projector(g, plan)
+    >>> bool(jnp.allclose(jnp.abs(q.T @ exact), jnp.eye(2), atol=1e-4))
+    True
   """
   rank = plan.projector_shape[-1]
   a = gather_matrix_axes(g.astype(jnp.float32))
@@ -281,7 +348,8 @@ def randomized_projector(
   rows, cols = a.shape[-2:]
   width = min(rank + oversampling, rows)
   omega = jax.random.normal(key, plan.batch_shape + (cols, width), jnp.float32)
-  transpose = lambda x: jnp.swapaxes(x, -1, -2)
+  def transpose(x):
+    return jnp.swapaxes(x, -1, -2)
 
   def fit(a, omega):
     sketch = a @ omega
@@ -309,6 +377,13 @@ def canonicalize_signs(q: jax.Array) -> jax.Array:
 
   Returns:
     ``q`` with some columns negated.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flora_jax import projections
+    >>> projections.canonicalize_signs(jnp.array([[0.1, 0.5], [-0.9, 0.2]]))
+    Array([[-0.1,  0.5],
+           [ 0.9,  0.2]], dtype=float32)
   """
   pivot_index = jnp.argmax(jnp.abs(q), axis=-2, keepdims=True)
   pivot = jnp.take_along_axis(q, pivot_index, axis=-2)

@@ -27,7 +27,7 @@ parameter.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -53,7 +53,7 @@ def _fit(spec: Sequence[Any], shape: tuple[int, ...], mesh) -> PartitionSpec:
   spec = tuple(spec) + (None,) * (len(shape) - len(spec))
   kept = [
       names if size % _mesh_axis_size(mesh, names) == 0 else None
-      for names, size in zip(spec, shape)
+      for names, size in zip(spec, shape, strict=True)
   ]
   while kept and kept[-1] is None:  # the canonical form JAX reports
     kept.pop()
@@ -100,7 +100,8 @@ def _param_specs(params: Any, param_shardings: Any, mesh) -> tuple[Any, Any]:
   """(tree of PartitionSpec, mesh) from explicit shardings or the params."""
   if param_shardings is None:
     is_variable = tree_util.is_variable
-    if any(is_variable(x) for x in jax.tree.leaves(params, is_leaf=is_variable)):
+    leaves = jax.tree.leaves(params, is_leaf=is_variable)
+    if any(is_variable(x) for x in leaves):
       from flax import nnx  # Already imported: the tree holds its Variables.
 
       param_shardings = nnx.get_partition_spec(params)
@@ -152,9 +153,20 @@ def state_partition_specs(
     params: Any,
     param_shardings: Any = None,
     *,
-    mesh: Optional[jax.sharding.Mesh] = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Any:
-  """`state_shardings` as a tree of `PartitionSpec` (for `jax.jit` under a mesh)."""
+  """`state_shardings` as a tree of `PartitionSpec`, for `jax.jit` in a mesh.
+
+  Args:
+    tx: as in `state_shardings`.
+    params: as in `state_shardings`.
+    param_shardings: as in `state_shardings`.
+    mesh: as in `state_shardings`.
+
+  Returns:
+    A tree with the structure of ``jax.eval_shape(tx.init, params)`` of
+    `PartitionSpec`.
+  """
   return jax.tree.map(
       lambda s: s.spec, state_shardings(tx, params, param_shardings, mesh=mesh)
   )
@@ -165,7 +177,7 @@ def state_shardings(
     params: Any,
     param_shardings: Any = None,
     *,
-    mesh: Optional[jax.sharding.Mesh] = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Any:
   """The `NamedSharding` of every leaf of ``tx.init(params)``.
 
@@ -185,11 +197,20 @@ def state_shardings(
     `NamedSharding`, usable as ``out_shardings`` of ``jax.jit(tx.init)``.
 
   Example:
-    >>> mesh = jax.make_mesh((2, 4), ('data', 'model'))  # doctest: +SKIP
-    >>> shardings = state_shardings(tx, params)           # doctest: +SKIP
-    >>> state = jax.jit(tx.init, out_shardings=shardings)(params)  # +SKIP
+    >>> import jax, jax.numpy as jnp, flora_jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ('model',))  # e.g. (2, 4) on 8 devices
+    >>> params = jax.device_put({'w': jnp.zeros((256, 512))},
+    ...                         NamedSharding(mesh, P(None, 'model')))
+    >>> tx = flora_jax.flora(1e-3, rank=32)
+    >>> shardings = flora_jax.state_shardings(tx, params)
+    >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
+    >>> state[1].momentum['w'].shape  # the compressed momentum, (r, n)
+    (32, 512)
+    >>> shardings[1].momentum['w'].spec == P(None, 'model')  # r replicated
+    True
   """
-  specs, mesh = _param_specs(params, param_shardings, mesh)
+  specs, resolved_mesh = _param_specs(params, param_shardings, mesh)
   params = tree_util.unwrap_variables(params)
   abstract_params = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params
@@ -200,6 +221,7 @@ def state_shardings(
   for (key_path, leaf), spec in zip(
       jax.tree.leaves_with_path(abstract_params),
       jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+      strict=True,
   ):
     param_entries[_path_parts(key_path)] = (tuple(leaf.shape), tuple(spec))
   longest_first = sorted(param_entries, key=len, reverse=True)
@@ -213,7 +235,7 @@ def state_shardings(
         param_shape, param_spec = param_entries[param_path]
         spec = _state_spec(shape, param_shape, param_spec)
         break
-    return NamedSharding(mesh, _fit(spec, shape, mesh))
+    return NamedSharding(resolved_mesh, _fit(spec, shape, resolved_mesh))
 
   return jax.tree.map_with_path(sharding_of, abstract_state)
 
@@ -221,7 +243,8 @@ def state_shardings(
 def _lay_out(x: jax.Array, sharding: NamedSharding) -> jax.Array:
   explicit = {
       name
-      for name, kind in zip(sharding.mesh.axis_names, sharding.mesh.axis_types)
+      for name, kind in zip(sharding.mesh.axis_names, sharding.mesh.axis_types,
+                            strict=True)
       if kind == jax.sharding.AxisType.Explicit
   }
   named = {
@@ -252,13 +275,28 @@ def apply_shardings(tree: Any, shardings: Any) -> Any:
   Returns:
     ``tree`` laid out.
 
+  With an `nnx.Optimizer`, lay out its fresh state where it is made::
+
+    shardings = flora_jax.state_shardings(tx, nnx.state(model, nnx.Param))
+
+    @nnx.jit
+    def make_optimizer(model):
+      optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      flora_jax.apply_shardings(optimizer.opt_state, shardings)
+      return optimizer
+
   Example:
-    >>> shardings = state_shardings(tx, nnx.state(model, nnx.Param))  # +SKIP
-    >>> @nnx.jit                                                        # +SKIP
-    ... def make_optimizer(model):
-    ...   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    ...   apply_shardings(optimizer.opt_state, shardings)
-    ...   return optimizer
+    >>> import jax, jax.numpy as jnp, flora_jax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ('model',))
+    >>> params = {'w': jnp.zeros((256, 512))}
+    >>> tx = flora_jax.flora(1e-3, rank=32)
+    >>> shardings = flora_jax.state_shardings(
+    ...     tx, params, {'w': P(None, 'model')}, mesh=mesh)
+    >>> init = jax.jit(
+    ...     lambda p: flora_jax.apply_shardings(tx.init(p), shardings))
+    >>> init(params)[1].momentum['w'].sharding.spec == P(None, 'model')
+    True
   """
   def lay_out(leaf, sharding):
     if tree_util.is_variable(leaf):

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ class GaLoreState(NamedTuple):
 @deprecation.flat_projection_arguments
 def scale_by_galore(
     inner: optax.GradientTransformation,
-    rule: Union[ProjectionRule, int] = 128,
+    rule: ProjectionRule | int = 128,
     *,
     update_proj_gap: int = 200,
     scale: float = 0.25,
@@ -75,7 +76,7 @@ def scale_by_galore(
     canonical_signs: bool = True,
     power_iterations: int = 2,
     oversampling: int = 8,
-    residual: Optional[FiraResidual] = None,
+    residual: FiraResidual | None = None,
 ) -> optax.GradientTransformation:
   r"""Runs ``inner`` in the low-rank gradient subspace of each projected matrix.
 
@@ -151,7 +152,9 @@ def scale_by_galore(
   )
   validation.check_key('key', key)
   if residual is not None and not isinstance(residual, FiraResidual):
-    raise TypeError(f'residual must be None or a FiraResidual, got {residual!r}.')
+    raise TypeError(
+        f'residual must be None or a FiraResidual, got {residual!r}.'
+    )
   source = _projector_source(
       projector, canonical_signs, power_iterations, oversampling
   )
@@ -198,7 +201,7 @@ def scale_by_galore(
     )
     new_updates, residual_norms = tree_util.unzip_leaves(plans, results, 2)
     return new_updates, GaLoreState(
-        count=optax.safe_increment(state.count),
+        count=compat.safe_increment(state.count),
         key=state.key,
         projectors=stored,
         inner_state=inner_state,
@@ -211,12 +214,12 @@ def scale_by_galore(
 @deprecation.flat_projection_arguments
 def scale_by_fira(
     inner: optax.GradientTransformation,
-    rule: Union[ProjectionRule, int] = 128,
+    rule: ProjectionRule | int = 128,
     *,
     update_proj_gap: int = 200,
     scale: float = 0.25,
     formulation: Formulation = 'code',
-    growth_limit: Optional[float] = 1.01,
+    growth_limit: float | None = 1.01,
     projector: ProjectorName = 'svd',
     key: keys.PRNGKeyLike = 0,
     transfer_moments: bool = False,
@@ -283,8 +286,8 @@ def _is_masked_node(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def _project(plan: LeafPlan, g: jax.Array, q: Optional[jax.Array]):
-  if not plan.projected:
+def _project(plan: LeafPlan, g: jax.Array, q: Any) -> jax.Array:
+  if plan.side is None:
     return g
   return projectors.project_down(q, g, plan.side)
 
@@ -298,7 +301,7 @@ def _output(plan, g, q, low_rank, inner_update, previous_norm, *, scale,
     back = projectors.project_up(q, inner_update, plan.side)
     return (scale * back).astype(g.dtype), previous_norm
   out, norm = residual.update(
-      plan, g, q, low_rank, inner_update, scale, previous_norm
+      plan.side, g, q, low_rank, inner_update, scale, previous_norm
   )
   return out.astype(g.dtype), norm
 

@@ -53,7 +53,7 @@ def init_on_arrays(
 
 
 def path_string(key_path: Any) -> str:
-  """Joins a key path with '/': ``('layers', 0, 'kernel')`` -> 'layers/0/kernel'.
+  """Joins a key path with '/': ``('layers', 0, 'w')`` -> ``'layers/0/w'``.
 
   Accepts a `jax.tree_util` key path (``DictKey``, ``GetAttrKey``,
   ``SequenceKey`` entries) or an NNX module path of plain strings and ints.
@@ -70,7 +70,7 @@ def path_string(key_path: Any) -> str:
 
 
 def unzip_leaves(like: Any, tree_of_tuples: Any, n: int) -> tuple[Any, ...]:
-  """Splits a tree whose leaves are n-tuples into n trees shaped like ``like``."""
+  """Splits a tree of n-tuples into n trees with the structure of ``like``."""
   return tuple(
       jax.tree.map(lambda _, t, i=i: t[i], like, tree_of_tuples)
       for i in range(n)

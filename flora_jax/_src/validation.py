@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numbers
 import typing
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
+from jax import core as jax_core
 import numpy as np
 import optax
 
@@ -26,10 +27,10 @@ _STATIC_HINT = (
 
 def is_concrete(value: Any) -> bool:
   """True when `value` can be inspected in Python (not a tracer)."""
-  return not isinstance(value, jax.core.Tracer)
+  return not isinstance(value, jax_core.Tracer)
 
 
-def may_be_nonzero(value: Any) -> bool:
+def may_be_nonzero(value: Any) -> TypeGuard[float | jax.Array]:
   """False for None or a Python zero; True otherwise, arrays included.
 
   Decides whether an optional transform (weight decay, say) is built. Under
@@ -46,6 +47,10 @@ def may_be_nonzero(value: Any) -> bool:
 
 def _is_python_int(value: Any) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -91,9 +96,7 @@ def check_positive_number(name: str, value: Any, *, optional=False) -> None:
   """Checks a static real number > 0 (or None when ``optional``)."""
   if optional and value is None:
     return
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-      value > 0
-  ):
+  if not _is_real(value) or not float(value) > 0:
     expected = 'None or a positive number' if optional else 'a positive number'
     raise ValueError(f'{name} must be {expected}, got {value!r}.')
 
@@ -102,9 +105,7 @@ def check_at_least(name: str, value: Any, low: float, *, optional=False):
   """Checks a static real number >= ``low`` (or None when ``optional``)."""
   if optional and value is None:
     return
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-      value >= low
-  ):
+  if not _is_real(value) or not float(value) >= low:
     expected = f'a number >= {low}'
     if optional:
       expected = 'None or ' + expected
@@ -124,7 +125,9 @@ def check_in_range(
   upper_ok = scalar <= high if high_inclusive else scalar < high
   if not (low <= scalar and upper_ok):
     bracket = ']' if high_inclusive else ')'
-    raise ValueError(f'{name} must lie in [{low}, {high}{bracket}, got {value}.')
+    raise ValueError(
+        f'{name} must lie in [{low}, {high}{bracket}, got {value}.'
+    )
 
 
 def check_choice(name: str, value: Any, choices: Any) -> Any:
@@ -153,7 +156,9 @@ def check_float_dtype(name: str, dtype: Any) -> np.dtype:
   try:
     resolved = np.dtype(dtype)
   except TypeError:
-    raise TypeError(f'{name} must be a floating dtype, got {dtype!r}.') from None
+    raise TypeError(
+        f'{name} must be a floating dtype, got {dtype!r}.'
+    ) from None
   if not jax.numpy.issubdtype(resolved, jax.numpy.floating):
     raise TypeError(f'{name} must be a floating dtype, got {dtype!r}.')
   return resolved
@@ -169,7 +174,7 @@ def check_transformation(name: str, value: Any) -> None:
 
 def check_key(name: str, key: Any) -> None:
   """Construction-time check of a PRNG key argument; tracers pass through."""
-  if isinstance(key, jax.core.Tracer):
+  if isinstance(key, jax_core.Tracer):
     return
   keys.as_prng_key(key, name)
 
@@ -212,7 +217,7 @@ def check_same_paths(updates: Any, reference: Any, what: str) -> None:
 
 
 def check_updates_match_params(updates: Any, params: Any) -> None:
-  """Raises a ValueError naming the first leaf whose update and parameter differ.
+  """Raises a ValueError naming the first leaf whose update and param differ.
 
   A compressed state cannot tell a change of its compressed dimension
   (``(r, n)`` fits both ``(m, n)`` and ``(m', n)``), so when ``params`` are
@@ -222,7 +227,7 @@ def check_updates_match_params(updates: Any, params: Any) -> None:
     return
   check_same_paths(updates, params, 'the parameters')
   for (path, update), param in zip(
-      jax.tree.leaves_with_path(updates), jax.tree.leaves(params)
+      jax.tree.leaves_with_path(updates), jax.tree.leaves(params), strict=True
   ):
     if np.shape(update) != np.shape(param):
       raise ValueError(
