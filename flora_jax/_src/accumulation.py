@@ -129,58 +129,35 @@ class FloraMultiSteps:
     k = self._cycle_length(cycle)
     # Drawn once per step: the same projectors compress now and, at the end
     # of the cycle, decompress.
-    drawn = {
-        plan.path: projectors.random_projector(state.key, plan, cycle)
-        for plan in jax.tree.leaves(plans)
-        if plan.projected
-    }
-
-    def accumulate(plan, g, acc):
-      validation.check_state_shape(plan, acc, 'an accumulator')
-      g32 = g.astype(jnp.float32)
-      if plan.projected:
-        g32 = projectors.project_down(drawn[plan.path], g32, plan.side)
-      return (acc.astype(jnp.float32) + g32).astype(self._accumulator_dtype)
-
-    acc = jax.tree.map(accumulate, plans, updates, state.acc_sketch)
-
-    def decompress(plan, g, a):
-      a = a.astype(jnp.float32)
-      if plan.projected:
-        a = projectors.project_up(drawn[plan.path], a, plan.side)
-      if self._use_grad_mean:
-        a = a / k
-      return a.astype(g.dtype)
+    drawn = jax.tree.map(
+        lambda plan: projectors.random_projector(state.key, plan, cycle)
+        if plan.projected else None,
+        plans,
+    )
+    acc = jax.tree.map(self._accumulate, plans, updates, state.acc_sketch,
+                       drawn)
 
     def emit(_):
-      total = jax.tree.map(decompress, plans, updates, acc)
+      mean = jax.tree.map(
+          lambda plan, g, a, q: self._decompress(plan, a, q, k).astype(g.dtype),
+          plans, updates, acc, drawn,
+      )
       new_updates, inner_state = self._opt.update(
-          total, state.inner_opt_state, params, **extra_args
+          mean, state.inner_opt_state, params, **extra_args
       )
-      return (
-          new_updates,
-          inner_state,
-          jax.tree.map(jnp.zeros_like, acc),
-          jnp.zeros([], jnp.int32),
-          compat.safe_increment(cycle),
-      )
+      return (new_updates, inner_state, jax.tree.map(jnp.zeros_like, acc),
+              jnp.zeros([], jnp.int32), compat.safe_increment(cycle))
 
-    emitted_shapes = jax.eval_shape(emit, None)
+    emitted = jax.eval_shape(emit, None)[0]
 
     def hold(_):
       # zeros_like of the incoming updates: under Explicit sharding the
       # branches must agree on sharding too, not only on shape.
-      return (
-          jax.tree.map(
-              lambda u, s: jnp.zeros_like(u, dtype=s.dtype),
-              updates,
-              emitted_shapes[0],
-          ),
-          state.inner_opt_state,
-          acc,
-          compat.safe_increment(state.mini_step),
-          cycle,
+      zeros = jax.tree.map(
+          lambda u, e: jnp.zeros_like(u, dtype=e.dtype), updates, emitted
       )
+      return (zeros, state.inner_opt_state, acc,
+              compat.safe_increment(state.mini_step), cycle)
 
     new_updates, inner_state, acc, mini_step, cycle = compat.cond(
         state.mini_step >= k - 1, emit, hold, None
@@ -192,6 +169,21 @@ class FloraMultiSteps:
         inner_opt_state=inner_state,
         acc_sketch=acc,
     )
+
+  def _accumulate(self, plan, g, acc, q):
+    """``acc + down(g)`` for one leaf, stored in the accumulator dtype."""
+    validation.check_state_shape(plan, acc, 'an accumulator')
+    g32 = g.astype(jnp.float32)
+    if plan.side is not None:
+      g32 = projectors.project_down(q, g32, plan.side)
+    return (acc.astype(jnp.float32) + g32).astype(self._accumulator_dtype)
+
+  def _decompress(self, plan, acc, q, k):
+    """``up(acc)``, divided by ``k`` for the mean; float32."""
+    acc = acc.astype(jnp.float32)
+    if plan.side is not None:
+      acc = projectors.project_up(q, acc, plan.side)
+    return acc / k if self._use_grad_mean else acc
 
   def has_updated(self, state: FloraMultiStepsState) -> jax.Array:
     """True if the last `update` ended a cycle and ran the inner optimizer."""

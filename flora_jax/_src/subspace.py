@@ -160,24 +160,7 @@ def scale_by_galore(
   )
 
   def init_fn(params):
-    params = tree_util.unwrap_variables(params)
-    plans = rule.plan(params)
-    low_rank = jax.tree.map(
-        lambda plan, p: jnp.zeros(plan.low_rank_shape, jnp.float32)
-        if plan.projected else p,
-        plans, params,
-    )
-    inner_state = inner.init(low_rank)
-    _check_inner_runs_on_shapes(inner, low_rank, inner_state)
-    return GaLoreState(
-        count=jnp.zeros([], jnp.int32),
-        key=keys.as_prng_key(key),
-        projectors=jax.tree.map(source.initial, plans),
-        inner_state=inner_state,
-        residual_norms=jax.tree.map(
-            residual.initial_norm if residual else _masked_node, plans
-        ),
-    )
+    return _initial_state(inner, rule, source, residual, key, params)
 
   def update_fn(updates, state, params=None):
     validation.check_updates_match_params(updates, params)
@@ -275,6 +258,27 @@ def scale_by_fira(
       power_iterations=power_iterations,
       oversampling=oversampling,
       residual=FiraResidual(formulation, growth_limit),
+  )
+
+
+def _initial_state(inner, rule, source, residual, key, params) -> GaLoreState:
+  params = tree_util.unwrap_variables(params)
+  plans = rule.plan(params)
+  low_rank = jax.tree.map(
+      lambda plan, p: jnp.zeros(plan.low_rank_shape, jnp.float32)
+      if plan.projected else p,
+      plans, params,
+  )
+  inner_state = inner.init(low_rank)
+  _check_inner_runs_on_shapes(inner, low_rank, inner_state)
+  return GaLoreState(
+      count=jnp.zeros([], jnp.int32),
+      key=keys.as_prng_key(key),
+      projectors=jax.tree.map(source.initial, plans),
+      inner_state=inner_state,
+      residual_norms=jax.tree.map(
+          residual.initial_norm if residual else _masked_node, plans
+      ),
   )
 
 
