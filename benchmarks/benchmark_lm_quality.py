@@ -1,8 +1,9 @@
 """Quality: a byte-level LM pre-trained on Shakespeare with each optimizer.
 
-Every run trains the same model (examples/train_lm.py: the quickstart's
-decoder-only transformer) from the same initialisation on the same batches
-for the same number of steps; only the optimizer differs. The low-rank
+Every run trains the same model (the quickstart's decoder-only transformer,
+in the training loop of examples/train_lm.py, `lm_training.train` of
+flora_jax_examples) from the same initialisation on the same batches for
+the same number of steps; only the optimizer differs. The low-rank
 optimizers project the transformer blocks' matrices (the embedding, norms
 and biases keep full state in every run). Several seeds; the table gives the
 final held-out loss as mean ± (max - min) / 2 over seeds, and a PNG shows
@@ -10,7 +11,8 @@ the held-out curves.
 
 Run::
 
-  python -m flora_jax.datasets fetch                  # once
+  pip install -e . -e "./examples[benchmarks]"        # once
+  python -m flora_jax_examples.datasets fetch         # once
   python benchmarks/benchmark_lm_quality.py --quick   # about a minute (CI)
   python benchmarks/benchmark_lm_quality.py           # ~12 min on 2 cores
 """
@@ -19,13 +21,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
-# The training loop is the example's; benchmarks run from a checkout.
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
-import train_lm  # noqa: E402
+from flora_jax_examples import lm_training
 
 # (label, optimizer, rank)
 RUNS = (
@@ -48,28 +47,27 @@ def main():
   parser.add_argument('--seeds', type=int, default=2)
   parser.add_argument('--lr', type=float, default=2e-3)
   parser.add_argument('--period', type=int, default=200)
-  parser.add_argument('--corpus', choices=('shakespeare', 'stdlib'),
+  parser.add_argument('--corpus', choices=lm_training.CORPORA,
                       default='shakespeare')
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(__file__), 'results'))
   parser.add_argument('--quick', action='store_true', help='smoke test (CI)')
   args = parser.parse_args()
   runs = QUICK_RUNS if args.quick else RUNS
+  quick_settings = {}
   if args.quick:
     args.steps, args.seeds, args.period = 20, 1, 5
+    quick_settings = dict(batch_size=8, eval_batches=1)
 
   results = {}
   for label, name, rank in runs:
     histories = []
     for seed in range(args.seeds):
-      run_args = train_lm.parser().parse_args([])
-      run_args.optimizer, run_args.rank = name, rank or 32
-      run_args.steps, run_args.seed, run_args.lr = args.steps, seed, args.lr
-      run_args.period, run_args.corpus = args.period, args.corpus
-      run_args.eval_every = max(args.steps // 10, 1)
-      if args.quick:
-        run_args.batch_size, run_args.eval_batches = 8, 1
-      histories.append(train_lm.train(run_args, progress=False))
+      config = lm_training.TrainConfig(
+          optimizer=name, rank=rank or 32, steps=args.steps, seed=seed,
+          lr=args.lr, period=args.period, corpus=args.corpus,
+          eval_every=max(args.steps // 10, 1), **quick_settings)
+      histories.append(lm_training.train(config, progress=False))
       print(f'{label} seed {seed}: held-out {histories[-1].eval_loss[-1]:.4f}'
             f' ({histories[-1].seconds:.0f} s)', flush=True)
     results[label] = histories
@@ -91,7 +89,7 @@ def main():
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
   except ImportError:
-    print('\n(no plot: pip install -e ".[benchmarks]")')
+    print('\n(no plot: pip install -e . -e "./examples[benchmarks]")')
     return
   os.makedirs(args.out, exist_ok=True)
   fig, ax = plt.subplots(figsize=(7, 4.5))

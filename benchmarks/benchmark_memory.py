@@ -31,10 +31,13 @@ fine on a laptop:
 
 Run it with
 
-  python benchmarks/benchmark_memory.py           # full mode, about a minute on 2 CPU cores
-  python benchmarks/benchmark_memory.py --quick   # CI smoke mode, about 20 s
+  python benchmarks/benchmark_memory.py          # full: a minute on 2 cores
+  python benchmarks/benchmark_memory.py --quick  # CI smoke mode, about 20 s
 
-It needs matplotlib (``pip install -e ".[benchmarks]"``).
+It needs the examples' support package, ``flora_jax_examples`` (the LLaMA
+model and the tables, in ``examples/flora_jax_examples/llama.py`` and
+``memory_tables.py``), with matplotlib:
+``pip install -e . -e "./examples[benchmarks]"``.
 
 Markdown tables go to stdout and to ``<out>/memory.md``; PNG plots to
 ``<out>`` (default ``benchmarks/results``, ``benchmarks/results/quick`` with
@@ -44,202 +47,39 @@ Markdown tables go to stdout and to ``<out>/memory.md``; PNG plots to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
-import math
 import os
 import pathlib
 import platform
 import sys
 import time
-from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import flora_jax
+# The LLaMA model and its compiled step; the optimizers and their tables.
+from flora_jax_examples import llama
+from flora_jax_examples import memory_tables
+from flora_jax_examples.memory_tables import GIB
+from flora_jax_examples.memory_tables import MIB
 
-# name: (d_model, ffn, layers); vocab 32000 (GaLore / Fira paper shapes).
-LLAMA_SHAPES = {
-    '60M': (512, 1376, 8),
-    '130M': (768, 2048, 12),
-    '350M': (1024, 2736, 24),
-    '1B': (2048, 5461, 24),
-    '7B': (4096, 11008, 32),
-}
-LLAMA_VOCAB = 32000
-LEARNING_RATE = 1e-3  # irrelevant to memory; any value builds the same state
-ACCUMULATION_STEPS = 4
-
-FULL_MODELS = tuple(LLAMA_SHAPES)
+FULL_MODELS = tuple(llama.LLAMA_SHAPES)
 FULL_RANKS = (128, 256, 512)
 QUICK_MODELS = ('60M', '130M')
 QUICK_RANKS = (128, 256)
 PLOT_RANK = 256  # the model-size plot; the rank sweep uses RANK_SWEEP_MODEL
 RANK_SWEEP_MODEL = '1B'
 
-HEAD_DIM = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class StepModel:
-  """A LLaMA-style decoder and the batch of the compiled train step."""
-
-  name: str
-  d_model: int
-  ffn: int
-  layers: int
-  vocab: int
-  batch: int
-  seq_len: int
-  rank: int
-
-
 # Full mode: the 60M paper shape (58M parameters), seq 256 as in the GaLore
 # paper's pretraining runs, rank 128 as the paper uses at this size.
-FULL_STEP_MODEL = StepModel('LLaMA-60M', 512, 1376, 8, LLAMA_VOCAB, 4, 256, 128)
+FULL_STEP_MODEL = llama.StepModel('LLaMA-60M', 512, 1376, 8, llama.LLAMA_VOCAB,
+                                  4, 256, 128)
 # Quick mode: 5.7M parameters. Rank 64, since every matrix side is >= 256 and a
 # rank must be smaller than the compressed side for anything to be projected.
-QUICK_STEP_MODEL = StepModel('tiny LLaMA', 256, 688, 2, 8000, 2, 128, 64)
-
-GIB = 2**30
-MIB = 2**20
-
-
-# ------------------------------------------------------------ parameters
-
-
-def llama_params(d_model: int, ffn: int, layers: int, vocab: int = LLAMA_VOCAB,
-                 dtype: Any = jnp.float32) -> dict:
-  """Abstract parameters of a LLaMA decoder in Flax ``(in, out)`` layout.
-
-  Per layer: attention q, k, v, o (``d x d``), SwiGLU gate and up
-  (``d x ffn``) and down (``ffn x d``), two RMSNorm weights; plus the token
-  embedding, the final RMSNorm and an untied output head (``d x vocab``).
-  One list entry per layer rather than a stacked ``(L, m, n)`` array, so
-  the optimizers see the leaves a PyTorch LLaMA has.
-  """
-  shape = lambda *dims: jax.ShapeDtypeStruct(dims, dtype)
-  layer = lambda: {
-      'attn': {name: shape(d_model, d_model) for name in 'qkvo'},
-      'mlp': {'gate': shape(d_model, ffn), 'up': shape(d_model, ffn),
-              'down': shape(ffn, d_model)},
-      'attn_norm': shape(d_model),
-      'mlp_norm': shape(d_model),
-  }
-  return {
-      'embed': shape(vocab, d_model),
-      'layers': [layer() for _ in range(layers)],
-      'final_norm': shape(d_model),
-      'lm_head': shape(d_model, vocab),
-  }
-
-
-def parameter_count(params) -> int:
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
-
-
-def millions(count: int) -> str:
-  if count >= 1e9:
-    return f'{count / 1e9:.2f}B'
-  return f'{count / 1e6:.1f}M'
-
-
-# -------------------------------------------------- 1. optimizer state
-
-
-@dataclasses.dataclass(frozen=True)
-class StateOptimizer:
-  """One row of the state table: a label and how to build the optimizer."""
-
-  label: str
-  build: Callable[[int], Any]  # rank -> optimizer with an ``init``
-  uses_rank: bool = True
-  plotted: bool = True
-
-
-def state_optimizers() -> list[StateOptimizer]:
-  """The optimizers of the state table, baselines first.
-
-  Every Adam here is `optax.adamw` (``optax.adam`` has the same state: the
-  decoupled decay keeps none), so the accumulation and compression rows
-  differ from the AdamW row only by what they add.
-  """
-  lr = LEARNING_RATE
-  k = ACCUMULATION_STEPS
-  return [
-      StateOptimizer('optax.adamw', lambda r: optax.adamw(lr), uses_rank=False),
-      StateOptimizer('optax.adafactor', lambda r: optax.adafactor(lr),
-                     uses_rank=False),
-      StateOptimizer(f'optax.MultiSteps(adamw, {k})',
-                     lambda r: optax.MultiSteps(optax.adamw(lr), k),
-                     uses_rank=False),
-      StateOptimizer('flora_jax.flora', lambda r: flora_jax.flora(lr, rank=r)),
-      StateOptimizer('flora_jax.flora, bf16 momentum',
-                     lambda r: flora_jax.flora(
-                         lr, rank=r, momentum_dtype=jnp.bfloat16)),
-      StateOptimizer(f'flora_jax.FloraMultiSteps(adamw, {k})',
-                     lambda r: flora_jax.FloraMultiSteps(
-                         optax.adamw(lr), k, rank=r)),
-      StateOptimizer('chain(flora_compress, adamw)',
-                     lambda r: optax.chain(flora_jax.flora_compress(r),
-                                           optax.adamw(lr))),
-      StateOptimizer('flora_jax.galore', lambda r: flora_jax.galore(lr, rank=r)),
-      StateOptimizer('flora_jax.fira', lambda r: flora_jax.fira(lr, rank=r)),
-      StateOptimizer('optax.contrib.galore',
-                     lambda r: optax.contrib.galore(lr, rank=r)),
-      # The choices optax.contrib.galore makes, in this library; not plotted
-      # (it lies on the optax.contrib.galore line).
-      StateOptimizer("flora_jax.galore, side='larger', max_aspect_ratio=None",
-                     lambda r: flora_jax.galore(lr, rank=r, side='larger',
-                                                max_aspect_ratio=None),
-                     plotted=False),
-  ]
-
-
-def state_size(optimizer, params) -> int:
-  """Bytes of ``optimizer.init(params)``, from shapes alone."""
-  return flora_jax.state_bytes(jax.eval_shape(optimizer.init, params))
-
-
-def measure_states(models, ranks) -> dict:
-  """``{(label, rank or None, model): bytes}`` for every table cell."""
-  sizes = {}
-  for model in models:
-    params = llama_params(*LLAMA_SHAPES[model])
-    for spec in state_optimizers():
-      for rank in (ranks if spec.uses_rank else (None,)):
-        sizes[spec.label, rank, model] = state_size(spec.build(rank), params)
-  return sizes
-
-
-def percent(part: float, whole: float) -> str:
-  share = 100 * part / whole
-  return f'{share:.2f}%' if share < 1 else f'{share:.1f}%'
-
-
-def state_table(sizes, models, ranks) -> str:
-  header_cells = []
-  for model in models:
-    count = parameter_count(llama_params(*LLAMA_SHAPES[model]))
-    header_cells.append(f'{model} ({millions(count)} params)')
-  lines = [
-      '| optimizer | rank | ' + ' | '.join(header_cells) + ' |',
-      '|---|---|' + '---|' * len(models),
-  ]
-  for spec in state_optimizers():
-    for rank in (ranks if spec.uses_rank else (None,)):
-      cells = []
-      for model in models:
-        size = sizes[spec.label, rank, model]
-        adamw = sizes['optax.adamw', None, model]
-        cells.append(f'{size / GIB:.3f} GiB ({percent(size, adamw)})')
-      rank_cell = str(rank) if rank else '–'
-      lines.append(f'| {spec.label} | {rank_cell} | ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
-
+QUICK_STEP_MODEL = llama.StepModel('tiny LLaMA', 256, 688, 2, 8000, 2, 128,
+                                   64)
 
 STATE_NOTES = """\
 Notes on the state table:
@@ -271,152 +111,14 @@ Notes on the state table:
   norm-growth limiter's previous norm)."""
 
 
-# ---------------------------------------------------- 2. train step memory
-
-
-def rms_norm(x, weight, eps=1e-6):
-  """LLaMA's RMSNorm, statistics in float32."""
-  x32 = x.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (normed * weight).astype(x.dtype)
-
-
-def rotary(x):
-  """RoPE on ``(batch, seq, heads, head_dim)``, half-split convention."""
-  seq, dim = x.shape[1], x.shape[-1]
-  freqs = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]
-  cos = jnp.cos(angles)[None, :, None, :]
-  sin = jnp.sin(angles)[None, :, None, :]
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-
-
-def attention(params, x):
-  """Causal multi-head self-attention with RoPE, heads of 64."""
-  batch, seq, d_model = x.shape
-  heads = d_model // HEAD_DIM
-  split = lambda t: t.reshape(batch, seq, heads, HEAD_DIM)
-  q = rotary(split(x @ params['q']))
-  k = rotary(split(x @ params['k']))
-  v = split(x @ params['v'])
-  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(HEAD_DIM)
-  causal = jnp.tril(jnp.ones((seq, seq), bool))
-  scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-  weights = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, seq, d_model)
-  return out @ params['o']
-
-
-def swiglu(params, x):
-  """LLaMA's gated MLP: ``(silu(x W_gate) * x W_up) W_down``."""
-  return (jax.nn.silu(x @ params['gate']) * (x @ params['up'])) @ params['down']
-
-
-def lm_loss(params, tokens):
-  """Mean next-token cross-entropy of a pre-norm LLaMA decoder."""
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  x = jnp.take(params['embed'], inputs, axis=0)
-  for layer in params['layers']:
-    x = x + attention(layer['attn'], rms_norm(x, layer['attn_norm']))
-    x = x + swiglu(layer['mlp'], rms_norm(x, layer['mlp_norm']))
-  logits = rms_norm(x, params['final_norm']) @ params['lm_head']
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), targets).mean()
-
-
-def train_step_fn(optimizer) -> Callable:
-  """Forward, backward, optimizer update and parameter update, one call."""
-  def step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(lm_loss)(params, tokens)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return step
-
-
-def step_optimizers(rank: int, quick: bool) -> dict:
-  """The optimizers whose train step is compiled."""
-  lr = LEARNING_RATE
-  optimizers = {
-      # No state: what forward, backward and a plain update need on their
-      # own, the floor every optimizer's peak is compared against.
-      'optax.sgd (no state)': optax.sgd(lr),
-      'optax.adamw': optax.adamw(lr),
-      'flora_jax.flora': flora_jax.flora(lr, rank=rank),
-      'flora_jax.fira': flora_jax.fira(lr, rank=rank),
-  }
-  if not quick:
-    optimizers['flora_jax.galore'] = flora_jax.galore(lr, rank=rank)
-    optimizers['optax.contrib.galore'] = optax.contrib.galore(lr, rank=rank)
-  return optimizers
-
-
-@dataclasses.dataclass(frozen=True)
-class StepMemory:
-  params: int
-  opt_state: int
-  argument: int
-  output: int
-  alias: int
-  temp: int
-  compile_seconds: float
-
-  @property
-  def persistent(self) -> int:
-    return self.params + self.opt_state
-
-  @property
-  def peak(self) -> int:
-    return self.argument + self.output - self.alias + self.temp
-
-
-def compile_step_memory(model: StepModel, optimizer) -> StepMemory:
-  """Compiles (never runs) one donated train step and reads XLA's sizes."""
-  params = llama_params(model.d_model, model.ffn, model.layers, model.vocab)
-  opt_state = jax.eval_shape(optimizer.init, params)
-  tokens = jax.ShapeDtypeStruct((model.batch, model.seq_len + 1), jnp.int32)
-  step = jax.jit(train_step_fn(optimizer), donate_argnums=(0, 1))
-  start = time.perf_counter()
-  compiled = step.lower(params, opt_state, tokens).compile()
-  seconds = time.perf_counter() - start
-  stats = compiled.memory_analysis()
-  if stats is None:
-    raise RuntimeError(
-        f'{jax.default_backend()} gives no memory_analysis() for compiled code.')
-  return StepMemory(
-      params=flora_jax.state_bytes(params),
-      opt_state=flora_jax.state_bytes(opt_state),
-      argument=stats.argument_size_in_bytes,
-      output=stats.output_size_in_bytes,
-      alias=stats.alias_size_in_bytes,
-      temp=stats.temp_size_in_bytes,
-      compile_seconds=seconds,
-  )
-
-
-def step_table(results: dict) -> str:
-  adamw_peak = results['optax.adamw'].peak
-  lines = [
-      '| optimizer | params | opt state | persistent (params + state) '
-      '| arguments | outputs | aliased | temporaries | peak estimate '
-      '| peak vs AdamW |',
-      '|---|' + '---:|' * 9,
-  ]
-  for label, m in results.items():
-    cells = [m.params, m.opt_state, m.persistent, m.argument, m.output,
-             m.alias, m.temp, m.peak]
-    lines.append(
-        f'| {label} | ' + ' | '.join(f'{c / MIB:,.1f}' for c in cells)
-        + f' | {percent(m.peak, adamw_peak)} |')
-  return '\n'.join(lines)
-
-
-def step_notes(model: StepModel) -> str:
-  params = llama_params(model.d_model, model.ffn, model.layers, model.vocab)
+def step_notes(model: llama.StepModel) -> str:
+  params = llama.llama_params(model.d_model, model.ffn, model.layers,
+                              model.vocab)
   return f"""\
 Train step: {model.name} (d {model.d_model}, ffn {model.ffn}, {model.layers} \
-layers, {model.d_model // HEAD_DIM} heads, vocab {model.vocab}; \
-{millions(parameter_count(params))} float32 parameters, float32 compute), \
+layers, {model.d_model // llama.HEAD_DIM} heads, vocab {model.vocab}; \
+{memory_tables.millions(llama.parameter_count(params))} float32 parameters, \
+float32 compute), \
 batch {model.batch} x {model.seq_len} tokens, rank {model.rank}. Sizes in MiB.
 Peak estimate = arguments + outputs - aliased + temporaries (parameters and
 optimizer state are donated, so the new ones are written in place and counted
@@ -432,8 +134,8 @@ memory-leaner schedule) gives different ones; read them per backend."""
 # ------------------------------------------------------------------- plots
 
 
-def plotted_state_optimizers() -> list[StateOptimizer]:
-  return [spec for spec in state_optimizers() if spec.plotted]
+def plotted_state_optimizers() -> list[memory_tables.StateOptimizer]:
+  return [spec for spec in memory_tables.state_optimizers() if spec.plotted]
 
 
 def draw_curves(ax, xs, curves: dict) -> None:
@@ -500,7 +202,7 @@ def plot_state_vs_rank(sizes, model, ranks, path) -> None:
   plt.close(fig)
 
 
-def plot_step_memory(results, model: StepModel, path) -> None:
+def plot_step_memory(results, model: llama.StepModel, path) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   labels = list(results)
@@ -563,7 +265,8 @@ def require_matplotlib() -> None:
     import matplotlib  # pylint: disable=g-import-not-at-top
   except ImportError as err:
     raise SystemExit(
-        'The plots need matplotlib: pip install -e ".[benchmarks]".') from err
+        'The plots need matplotlib:'
+        ' pip install -e . -e "./examples[benchmarks]".') from err
   matplotlib.use('Agg')  # files only; never needs a display
 
 
@@ -574,7 +277,8 @@ def main(argv=None) -> None:
   parser.add_argument('--out', type=pathlib.Path, default=None,
                       help='folder for the PNGs and memory.md (default '
                       'benchmarks/results, or benchmarks/results/quick)')
-  parser.add_argument('--models', nargs='+', choices=tuple(LLAMA_SHAPES),
+  parser.add_argument('--models', nargs='+',
+                      choices=tuple(llama.LLAMA_SHAPES),
                       help='state table model sizes')
   parser.add_argument('--ranks', nargs='+', type=int,
                       help='state table ranks')
@@ -584,7 +288,8 @@ def main(argv=None) -> None:
   require_matplotlib()  # before minutes of work, not after
 
   models = args.models or (QUICK_MODELS if args.quick else FULL_MODELS)
-  ranks = tuple(sorted(args.ranks or (QUICK_RANKS if args.quick else FULL_RANKS)))
+  ranks = tuple(sorted(
+      args.ranks or (QUICK_RANKS if args.quick else FULL_RANKS)))
   out = args.out or pathlib.Path(__file__).parent / (
       'results/quick' if args.quick else 'results')
   out.mkdir(parents=True, exist_ok=True)
@@ -601,8 +306,8 @@ def main(argv=None) -> None:
   emit(environment() + '\n')
 
   emit('## 1. Optimizer-state bytes (`jax.eval_shape(tx.init, params)`)\n')
-  sizes = measure_states(models, ranks)
-  emit(state_table(sizes, models, ranks) + '\n')
+  sizes = memory_tables.measure_states(models, ranks)
+  emit(memory_tables.state_table(sizes, models, ranks) + '\n')
   emit(STATE_NOTES + '\n')
 
   plot_rank = PLOT_RANK if PLOT_RANK in ranks else ranks[0]
@@ -616,11 +321,12 @@ def main(argv=None) -> None:
     emit('## 2. Compiled train-step memory '
          '(`jit(step).lower(...).compile().memory_analysis()`)\n')
     results = {}
-    for label, optimizer in step_optimizers(step_model.rank, args.quick).items():
-      results[label] = compile_step_memory(step_model, optimizer)
+    optimizers = memory_tables.step_optimizers(step_model.rank, args.quick)
+    for label, optimizer in optimizers.items():
+      results[label] = llama.compile_step_memory(step_model, optimizer)
       print(f'  compiled {label} in {results[label].compile_seconds:.1f} s',
             file=sys.stderr, flush=True)
-    emit(step_table(results) + '\n')
+    emit(memory_tables.step_table(results) + '\n')
     emit(step_notes(step_model) + '\n')
     pngs.append(out / 'train_step_memory.png')
     plot_step_memory(results, step_model, pngs[-1])

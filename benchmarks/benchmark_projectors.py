@@ -1,12 +1,13 @@
-"""Exact SVD vs randomized range finder as GaLore/Fira projectors: time and quality.
+"""Exact SVD vs randomized range finder as GaLore/Fira projectors.
 
 For each matrix size ``m x n`` and rank ``r`` this script fits the projector
 ``Q`` (``dim x r``, orthonormal columns, ``dim`` the smaller of ``m``, ``n``
 as ``side='auto'`` picks it) with
 
-* ``flora_jax.svd_projector`` (one exact float32 SVD, the reference), and
-* ``flora_jax.randomized_projector`` with ``power_iterations`` 0, 1 and 2
-  (oversampling 8, the library default),
+* ``flora_jax.projections.svd_projector`` (one exact float32 SVD, the
+  reference), and
+* ``flora_jax.projections.randomized_projector`` with ``power_iterations``
+  0, 1 and 2 (oversampling 8, the library default),
 
 each wrapped in `jax.jit`, and reports
 
@@ -30,9 +31,10 @@ Two kinds of float32 matrices are measured:
 
 Run it with
 
-  python examples/benchmark_projectors.py            # 512² .. 2048², 1024x4096
-  python examples/benchmark_projectors.py --quick    # small sizes, seconds
-  python examples/benchmark_projectors.py --rank 64 --sizes 1024x1024 4096x4096
+  python benchmarks/benchmark_projectors.py          # 512² to 2048², 1024x4096
+  python benchmarks/benchmark_projectors.py --quick  # small sizes, seconds
+  python benchmarks/benchmark_projectors.py --rank 64 \\
+      --sizes 1024x1024 4096x4096
 
 Timings are of whatever backend JAX picks (CPU, GPU, TPU); the table header
 names it.
@@ -45,7 +47,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-import flora_jax
+from flora_jax import projections
 
 FULL_SIZES = ('512x512', '1024x1024', '2048x2048', '1024x4096')
 QUICK_SIZES = ('256x256', '512x512', '256x1024')
@@ -103,15 +105,15 @@ def median_seconds(fns: dict, args, repeats: int) -> dict:
 
 def captured_energy(q: jax.Array, g: jax.Array, side: str) -> float:
   """``||down(G)||_F^2`` for the projector ``q``."""
-  return float(jnp.sum(jnp.square(flora_jax.project_down(q, g, side))))
+  return float(jnp.sum(jnp.square(projections.project_down(q, g, side))))
 
 
-def projectors(plan: flora_jax.LeafPlan) -> dict:
+def projectors(plan: projections.LeafPlan) -> dict:
   """Jitted projector functions ``fn(key, g) -> Q``, by table label."""
-  fns = {'svd': jax.jit(lambda key, g: flora_jax.svd_projector(g, plan))}
+  fns = {'svd': jax.jit(lambda key, g: projections.svd_projector(g, plan))}
   for q in POWER_ITERATIONS:
     fns[f'randomized, q={q}'] = jax.jit(
-        lambda key, g, q=q: flora_jax.randomized_projector(
+        lambda key, g, q=q: projections.randomized_projector(
             key, g, plan, power_iterations=q
         )
     )
@@ -122,7 +124,7 @@ def benchmark_size(shape, rank: int, repeats: int, key: jax.Array) -> list:
   """Table rows (cells as strings) for one matrix size."""
   m, n = shape
   side = 'left' if m <= n else 'right'  # What side='auto' picks.
-  plan = flora_jax.LeafPlan(path='w', shape=shape, side=side, rank=rank)
+  plan = projections.LeafPlan(path='w', shape=shape, side=side, rank=rank)
   fns = projectors(plan)
   key_data, key_sketch = jax.random.split(key)
   results = {label: [] for label in fns}  # label -> [(seconds, energy)...]

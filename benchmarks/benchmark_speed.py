@@ -1,4 +1,4 @@
-"""Speed of each optimizer relative to AdamW, on the same shapes, in one process.
+"""Speed of each optimizer relative to AdamW, same shapes, in one process.
 
 Three measurements, each interleaved (one call of every optimizer per round,
 so that machine noise hits all of them alike) and summarised by the median
@@ -197,7 +197,8 @@ def bench_torch(shapes: Shapes, rank: int, period: int, rounds: int):
             for n, s in steps.items()}
   refresh = {n: statistics.median(t for i, t in s if i % period == 0)
              for n, s in steps.items()}
-  return (steady, refresh), f'torch {torch.__version__}, {torch.get_num_threads()} threads'
+  about = f'torch {torch.__version__}, {torch.get_num_threads()} threads'
+  return (steady, refresh), about
 
 
 def probe_flora_opt() -> str:
@@ -223,7 +224,7 @@ def plot(periods, steady, refresh, step, period, out):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
   except ImportError:
-    print('(no plot: pip install -e ".[benchmarks]")')
+    print('(no plot: pip install -e . -e "./examples[benchmarks]")')
     return
   names = list(periods)
   update = [

@@ -9,16 +9,16 @@ A real fine-tuning story on a small real dataset, scikit-learn's bundled
    scanner had been fed the pages sideways. The pretrained model is at
    chance (10%) on them, with a large, confident loss (13-15).
 3. Fine-tuning on the rotated training images with rank-r adapters
-   (`flora_jax.add_lora`, ``alpha = r``) on all three linear layers, the
+   (`flora_jax.nnx.add_lora`, ``alpha = r``) on all three linear layers, the
    head included; every base weight and bias stays frozen. Each method
    starts from the same pretrained model and gets the same rank, the same
    mini-batches and the same peak learning rate (AdamW, no weight decay,
    cosine decay to 0 over the run):
 
    * LoRA: the usual initialisation (A uniform, B zero), `optax.adamw`;
-   * LoRA-GA: `flora_jax.lora_ga_init` from the gradient averaged over 4
-     batches of 64 (defaults: direction ``'ArB2r'``, ``scale='stable'``,
-     γ = 16), then `optax.adamw`;
+   * LoRA-GA: `flora_jax.nnx.lora_ga_init` from the gradient averaged over
+     4 batches of 64 (defaults: direction ``'ArB2r'``,
+     ``factor_scale='stable'``, γ = 16), then `optax.adamw`;
    * random-direction GA, a control: LoRA-GA's scale and base-weight offset
      with random orthonormal factors, then `optax.adamw`. It separates what
      the gradient's directions bring from what any non-zero ``B`` brings;
@@ -332,13 +332,13 @@ def random_direction_init(model: nnx.Module, key: jax.Array,
   """LoRA-GA's initialisation with random directions: the control.
 
   The same scale ``c = d_out^{1/4} / sqrt(γ)`` on both factors and the same
-  offset ``W <- W - s A B`` as `flora_jax.lora_ga_init`, but random
+  offset ``W <- W - s A B`` as `flora_jax.nnx.lora_ga_init`, but random
   orthonormal ``A`` and ``B`` instead of singular vectors of the gradient.
   What LoRA-GA gains over this control comes from the gradient, not from
   starting with a non-zero ``B`` (with which A learns from the first step).
   """
   adapters = [module for _, module in nnx.iter_modules(model)
-              if isinstance(module, flora_jax.ScaledLoRA)]
+              if isinstance(module, flora_jax.nnx.ScaledLoRA)]
   for adapter, adapter_key in zip(adapters,
                                   jax.random.split(key, len(adapters))):
     fan_in, rank = adapter.lora_a.shape
@@ -368,19 +368,19 @@ def fine_tune(base: nnx.Module, method: str, data: Digits, budget: Budget,
     return Run(losses, accuracy(model, data.test_images, data.test_labels),
                seconds)
 
-  flora_jax.add_lora(model, ADAPTED_LAYERS, budget.rank,
-                     rngs=nnx.Rngs(3000 + seed))
+  flora_jax.nnx.add_lora(model, ADAPTED_LAYERS, budget.rank,
+                         rngs=nnx.Rngs(3000 + seed))
   init_seconds = 0.0
   if method == CONTROL:
     random_direction_init(model, jax.random.key(4000 + seed))
   if method == 'LoRA-GA':
     if budget.rank not in _warmed_up_lora_ga:  # compile its step untimed
-      flora_jax.lora_ga_init(nnx.clone(model), batch_cross_entropy,
-                             lora_ga_batches(seed, data))
+      flora_jax.nnx.lora_ga_init(nnx.clone(model), batch_cross_entropy,
+                                 lora_ga_batches(seed, data))
       _warmed_up_lora_ga.add(budget.rank)
     start = time.perf_counter()
-    flora_jax.lora_ga_init(model, batch_cross_entropy,
-                           lora_ga_batches(seed, data))
+    flora_jax.nnx.lora_ga_init(model, batch_cross_entropy,
+                               lora_ga_batches(seed, data))
     jax.block_until_ready(nnx.state(model))
     init_seconds = time.perf_counter() - start
   optimizer = 'lora_plus' if method == 'LoRA+' else 'adamw'

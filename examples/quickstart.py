@@ -10,10 +10,14 @@ batches) twice on CPU:
 
 The corpus is the Python standard library's own ``.py`` sources, read from the
 local installation, so nothing is downloaded. At the end a table compares the
-training and held-out losses with the size of each optimizer's state.
+training and held-out losses with the size of each optimizer's state. The
+model, its loss, the batching and the jitted train step are in
+``examples/flora_jax_examples/byte_lm.py``; the training loop is below.
 
 Run::
 
+  pip install -e . -e ./examples         # once: the library and the
+                                         # examples' support package
   python examples/quickstart.py          # about 1-2 minutes on 2 CPU cores
   python examples/quickstart.py --quick  # smoke test (CI)
 """
@@ -31,151 +35,30 @@ import optax
 from flax import nnx
 
 import flora_jax
-from flora_jax import datasets
 
 try:
-  from tqdm.auto import tqdm
-except ImportError as err:  # tqdm is an optional dependency of the library.
+  # The model, its loss, the batching and the jitted train step.
+  from flora_jax_examples import byte_lm
+  from flora_jax_examples import datasets
+  from tqdm.auto import tqdm  # a dependency of flora_jax_examples
+except ImportError as err:  # the examples' own package, not the library's
   raise SystemExit(
-      'This example needs tqdm: pip install "flora_jax[examples]".'
+      'The examples need their support package, flora_jax_examples:'
+      ' pip install -e . -e ./examples'
   ) from err
-
-
-# ------------------------------------------------------------------- data
-
-
-def train_batches(data: np.ndarray, steps: int, batch_size: int,
-                  seq_len: int, seed: int):
-  """Yields ``steps`` batches of random windows, ``int32[batch, seq_len + 1]``."""
-  rng = np.random.default_rng(seed)
-  offsets = np.arange(seq_len + 1)
-  for _ in range(steps):
-    starts = rng.integers(0, len(data) - seq_len, size=batch_size)
-    yield data[starts[:, None] + offsets].astype(np.int32)
-
-
-def eval_batches(data: np.ndarray, num_batches: int, batch_size: int,
-                 seq_len: int) -> np.ndarray:
-  """Fixed, evenly spaced windows of the held-out bytes."""
-  count = num_batches * batch_size
-  starts = np.linspace(0, len(data) - seq_len - 1, count).astype(np.int64)
-  windows = data[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
-  return windows.reshape(num_batches, batch_size, seq_len + 1)
-
-
-# ------------------------------------------------------------------ model
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  vocab_size: int = 256  # bytes
-  seq_len: int = 64
-  d_model: int = 128
-  num_heads: int = 4
-  num_layers: int = 2
-  d_mlp: int = 512
-
-
-class CausalSelfAttention(nnx.Module):
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    # Four (d, d) kernels rather than nnx.MultiHeadAttention's
-    # (d, heads, head_dim) ones: Flora compresses the last two axes of a
-    # leaf, and (heads, head_dim) = (4, 32) is too small to be worth it.
-    def linear():
-      return nnx.Linear(cfg.d_model, cfg.d_model, use_bias=False, rngs=rngs)
-
-    self.query, self.key, self.value, self.out = (
-        linear(), linear(), linear(), linear()
-    )
-    self.num_heads = cfg.num_heads
-
-  def __call__(self, x):
-    batch, length, features = x.shape
-
-    def heads(y):
-      return y.reshape(batch, length, self.num_heads, -1)
-
-    y = jax.nn.dot_product_attention(
-        heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
-        is_causal=True,
-    )
-    return self.out(y.reshape(batch, length, features))
-
-
-class Block(nnx.Module):
-  """Pre-LayerNorm transformer block."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.attn_norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
-    self.attn = CausalSelfAttention(cfg, rngs=rngs)
-    self.mlp_norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
-    self.mlp_in = nnx.Linear(cfg.d_model, cfg.d_mlp, rngs=rngs)
-    self.mlp_out = nnx.Linear(cfg.d_mlp, cfg.d_model, rngs=rngs)
-
-  def __call__(self, x):
-    x = x + self.attn(self.attn_norm(x))
-    return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
-
-
-class ByteTransformer(nnx.Module):
-  """A tiny decoder-only language model over bytes, with tied embeddings."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    init = nnx.initializers.normal(0.02)
-    self.embed = nnx.Embed(
-        cfg.vocab_size, cfg.d_model, embedding_init=init, rngs=rngs
-    )
-    self.position = nnx.Param(init(rngs.params(), (cfg.seq_len, cfg.d_model)))
-    self.blocks = nnx.List(
-        [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
-    )
-    self.final_norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
-
-  def __call__(self, tokens):
-    x = self.embed(tokens) + self.position[: tokens.shape[1]]
-    for block in self.blocks:
-      x = block(x)
-    return self.embed.attend(self.final_norm(x))
-
-
-def loss_fn(model: ByteTransformer, batch: jax.Array) -> jax.Array:
-  """Mean next-byte cross-entropy, in nats."""
-  logits = model(batch[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits, batch[:, 1:]
-  ).mean()
-
-
-# One function for every optimizer; nnx.jit compiles it once per optimizer.
-@nnx.jit
-def train_step(model, optimizer, batch):
-  loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
-  optimizer.update(model, grads)
-  return loss
-
-
-@nnx.jit
-def eval_step(model, batch):
-  return loss_fn(model, batch)
 
 
 # ----------------------------------------------------------- optimizers
 
 
-def in_blocks(path: str, leaf) -> bool:
-  del leaf
-  return path.startswith('blocks/')
-
-
 def make_optimizers(args: argparse.Namespace):
-  """The optimizers compared, and the rule that says which leaves Flora projects."""
+  """The optimizers compared, and the rule of the leaves Flora projects."""
   # Only the transformer blocks' matrices get a compressed momentum: in a
   # model this small, sketching the byte embedding and the position table
   # as well costs almost 0.2 nats of loss to save another ~140 KiB.
-  mask = flora_jax.path_mask(in_blocks)
+  in_blocks = flora_jax.path_mask(byte_lm.in_blocks)
   rule = flora_jax.ProjectionRule(
-      rank=args.rank, min_dim=args.min_dim, mask=mask
+      rank=args.rank, min_dim=args.min_dim, projection_mask=in_blocks
   )
   optimizers = {
       'adamw': optax.adamw(args.adamw_lr),
@@ -184,7 +67,7 @@ def make_optimizers(args: argparse.Namespace):
           rank=args.rank,
           kappa=args.kappa,
           min_dim=args.min_dim,
-          mask=mask,
+          projection_mask=in_blocks,
           # Factor the second moment of every matrix, as Adafactor does for
           # large ones; the default threshold of 128 happens to match here.
           min_dim_size_to_factor=args.min_dim,
@@ -207,8 +90,9 @@ class Result:
   step_seconds: float
 
 
-def abstract_params(cfg: ModelConfig):
-  model = nnx.eval_shape(lambda: ByteTransformer(cfg, rngs=nnx.Rngs(0)))
+def abstract_params(cfg: byte_lm.ModelConfig):
+  model = nnx.eval_shape(
+      lambda: byte_lm.ByteTransformer(cfg, rngs=nnx.Rngs(0)))
   return nnx.as_pure(nnx.state(model, nnx.Param))
 
 
@@ -219,22 +103,23 @@ def only_projected(rule: flora_jax.ProjectionRule, params):
   )
 
 
-def train(name: str, tx: optax.GradientTransformation, cfg: ModelConfig,
+def train(name: str, tx: optax.GradientTransformation,
+          cfg: byte_lm.ModelConfig,
           rule: flora_jax.ProjectionRule, train_data: np.ndarray,
           val_batches: np.ndarray, args: argparse.Namespace) -> Result:
   # Same seed for every optimizer: identical initial weights and batches.
-  model = ByteTransformer(cfg, rngs=nnx.Rngs(args.seed))
+  model = byte_lm.ByteTransformer(cfg, rngs=nnx.Rngs(args.seed))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   losses = []
-  batches = train_batches(
+  batches = byte_lm.train_batches(
       train_data, args.steps, args.batch_size, cfg.seq_len, args.seed
   )
   start = time.perf_counter()
   with tqdm(batches, total=args.steps, desc=f'{name:>6}', unit='step',
             dynamic_ncols=True) as bar:
     for step, batch in enumerate(bar):
-      losses.append(train_step(model, optimizer, jnp.asarray(batch)))
+      losses.append(byte_lm.train_step(model, optimizer, jnp.asarray(batch)))
       # Reading a loss waits for the device; doing it only every few steps
       # lets JAX dispatch the next steps meanwhile.
       if step % 10 == 0 or step == args.steps - 1:
@@ -243,16 +128,18 @@ def train(name: str, tx: optax.GradientTransformation, cfg: ModelConfig,
         compiled = time.perf_counter()
   end = time.perf_counter()
 
-  val_loss = np.mean([float(eval_step(model, b)) for b in val_batches])
+  val_loss = np.mean(
+      [float(byte_lm.eval_step(model, b)) for b in val_batches])
   projected = only_projected(rule, nnx.as_pure(nnx.state(model, nnx.Param)))
   return Result(
       name=name,
       train_loss=float(np.mean(jax.device_get(losses[-20:]))),
       val_loss=float(val_loss),
-      state_bytes=flora_jax.state_bytes(nnx.as_pure(optimizer.opt_state)),
+      state_bytes=flora_jax.memory.state_bytes(
+          nnx.as_pure(optimizer.opt_state)),
       # The share of the state that belongs to the leaves Flora compresses,
       # sized from the state of an optimizer over those leaves alone.
-      projected_state_bytes=flora_jax.state_bytes(
+      projected_state_bytes=flora_jax.memory.state_bytes(
           jax.eval_shape(tx.init, projected)
       ) if jax.tree.leaves(projected) else 0,
       compile_seconds=compiled - start,
@@ -301,9 +188,9 @@ def print_report(results: list[Result], params, rule) -> None:
           f' {ratio(r.projected_state_bytes, base.projected_state_bytes):>8}'
           f' {1000 * r.step_seconds:>7.0f}')
 
-  param_bytes = flora_jax.state_bytes(params)
+  param_bytes = flora_jax.memory.state_bytes(params)
   projected = only_projected(rule, params)
-  projected_bytes = flora_jax.state_bytes(projected)
+  projected_bytes = flora_jax.memory.state_bytes(projected)
   flora = results[-1]
   rest = flora.state_bytes - flora.projected_state_bytes
   print(
@@ -364,14 +251,13 @@ def parse_args() -> argparse.Namespace:
 
 def main():
   args = parse_args()
-  cfg = ModelConfig()
+  cfg = byte_lm.ModelConfig()
 
   corpus = datasets.stdlib_corpus(int(args.corpus_mb * 2**20))
   # The last files in sorted order are held out, not random windows: the
   # validation text is never seen in training.
-  split = int(len(corpus) * 0.95)
-  train_data, val_data = corpus[:split], corpus[split:]
-  val_batches = eval_batches(
+  train_data, val_data = byte_lm.held_out_split(corpus)
+  val_batches = byte_lm.eval_batches(
       val_data, 2 if args.quick else 8, 64, cfg.seq_len
   )
   print(f'Corpus: {len(corpus):,} bytes of Python stdlib source'

@@ -47,8 +47,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import flora_jax
-from flora_jax import datasets
-import quickstart  # the model, loss and batching of examples/quickstart.py
+from flora_jax_examples import byte_lm  # the quickstart's model and loss
+from flora_jax_examples import datasets
 
 # Where each parameter lives, by its '/'-joined path (first match wins).
 # Column-parallel matrices split their outputs along 'model', row-parallel
@@ -65,7 +65,7 @@ SHARDING_RULES = (
 def param_specs(params):
   def spec(key_path, leaf):
     del leaf
-    path = flora_jax.projection.path_string(key_path)
+    path = jax.tree_util.keystr(key_path, simple=True, separator='/')
     return next(s for pattern, s in SHARDING_RULES
                 if re.fullmatch(pattern, path))
 
@@ -99,7 +99,7 @@ class Run:
   """One optimizer on the mesh: sharded init, jitted step, checkpoints."""
 
   def __init__(self, tx, mesh, cfg, seed):
-    model = quickstart.ByteTransformer(cfg, rngs=nnx.Rngs(seed))
+    model = byte_lm.ByteTransformer(cfg, rngs=nnx.Rngs(seed))
     self.graphdef, params = nnx.split(model)
     params = nnx.as_pure(params)
     self.param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
@@ -121,7 +121,7 @@ class Run:
 
   def _step(self, params, opt_state, batch):
     def loss(params):
-      return quickstart.loss_fn(nnx.merge(self.graphdef, params), batch)
+      return byte_lm.loss_fn(nnx.merge(self.graphdef, params), batch)
 
     value, grads = jax.value_and_grad(loss)(params)
     updates, opt_state = self.tx.update(grads, opt_state, params)
@@ -188,10 +188,10 @@ def main():
   # quickstart model carries no Explicit-sharding annotations.
   mesh = jax.make_mesh((2, 4), ('data', 'model'),
                        axis_types=(AxisType.Auto,) * 2)
-  cfg = quickstart.ModelConfig()
+  cfg = byte_lm.ModelConfig()
   corpus = datasets.stdlib_corpus(2**20)
-  batches = list(quickstart.train_batches(corpus, args.steps, args.batch_size,
-                                          cfg.seq_len, seed=0))
+  batches = list(byte_lm.train_batches(corpus, args.steps, args.batch_size,
+                                       cfg.seq_len, seed=0))
   root = args.checkpoint_dir or tempfile.mkdtemp(prefix='train_sharded_')
   print(f'{jax.device_count()} devices as {dict(mesh.shape)};'
         f' {args.steps} steps of {args.batch_size} x {cfg.seq_len} bytes;'
@@ -231,7 +231,8 @@ def main():
   print('-' * (len(header) - 1))
   for name, first, last, per_device, total in rows:
     print(f'{name:<9} {first:>10.3f} {last:>9.3f}'
-          f' {per_device / 1024:>11.1f} KiB {per_device / adamw_per_device:>8.1%}'
+          f' {per_device / 1024:>11.1f} KiB'
+          f' {per_device / adamw_per_device:>8.1%}'
           f' {total / 1024:>8.1f} KiB')
   print('\nstate / device: the most any one device holds. Replicated leaves'
         ' (counters, keys, norms, biases) count on every device.')

@@ -211,7 +211,7 @@ def test_classifier_fine_tunes_adapters_and_head_only():
   model = bert.BertClassifier(encoder, num_classes=2, rngs=nnx.Rngs(2))
   assert model.encoder is encoder
   flora_jax.nnx.add_lora(model, r'encoder/layers/\d+/attention/(query|value)',
-                     rank=2, rngs=nnx.Rngs(3))
+                         rank=2, rngs=nnx.Rngs(3))
   frozen = np.asarray(encoder.layers[0].intermediate.kernel[...])
   wrt = nnx.Any(nnx.LoRAParam, nnx.PathContains('head'))
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=wrt)

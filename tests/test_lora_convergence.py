@@ -2,9 +2,10 @@
 
 The LoRA, LoRA-GA and LoRA+ rows of ``examples/lora_digits.py --quick``
 (same settings and seeds, so the same numbers; the example adds full
-fine-tuning, a control and a learning-rate sweep). An MLP 64-128-128-10 pretrained with AdamW on
-scikit-learn's bundled 8x8 digits (97% test accuracy) is fine-tuned on the
-same digits rotated by 90 degrees, where it starts at chance. Rank-4
+fine-tuning, a control and a learning-rate sweep). An MLP 64-128-128-10
+pretrained with AdamW on scikit-learn's bundled 8x8 digits (97% test
+accuracy) is fine-tuned on the same digits rotated by 90 degrees, where it
+starts at chance. Rank-4
 adapters on all three linear layers, everything else frozen; every method
 gets the same pretrained model, the same mini-batches and the same peak
 learning rate, 5e-3 (AdamW, cosine decay over the 1000 steps). The loss is
@@ -135,7 +136,7 @@ def _loss_curves(seed):
   for method in ('LoRA', 'LoRA-GA', 'LoRA+'):
     model = nnx.clone(base)
     flora_jax.nnx.add_lora(model, 'hidden1|hidden2|head', RANK,
-                       rngs=nnx.Rngs(3000 + seed))
+                           rngs=nnx.Rngs(3000 + seed))
     if method == 'LoRA-GA':
       flora_jax.nnx.lora_ga_init(model, _cross_entropy, lora_ga_batches)
     curves[method] = _train_in_place(

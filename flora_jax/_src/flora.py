@@ -199,6 +199,7 @@ def scale_by_flora_momentum(
   rule = ProjectionRule.of(rule)
   kappa = validation.check_positive_or_traced('kappa', kappa)
   validation.check_in_range('b1', b1, 0.0, 1.0)
+  validation.check_bool('nesterov', nesterov)
   momentum_dtype = validation.check_float_dtype(
       'momentum_dtype', momentum_dtype
   )

@@ -151,6 +151,7 @@ def scale_by_galore(
       'update_proj_gap', update_proj_gap
   )
   validation.check_key('key', key)
+  validation.check_bool('transfer_moments', transfer_moments)
   if residual is not None and not isinstance(residual, FiraResidual):
     raise TypeError(
         f'residual must be None or a FiraResidual, got {residual!r}.'

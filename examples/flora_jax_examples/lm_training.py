@@ -1,0 +1,192 @@
+"""Training the byte-level LM with any optimizer of the library, resumably.
+
+The training loop of ``examples/train_lm.py``, which
+``benchmarks/benchmark_lm_quality.py`` runs once per optimizer and seed: the
+model of `flora_jax_examples.byte_lm` on the Shakespeare plays (or the Python
+standard library's sources), the optimizer chosen by name, periodic
+held-out evaluation, and orbax checkpoints from which an interrupted run
+resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+import flora_jax
+from flora_jax_examples import byte_lm
+from flora_jax_examples import datasets
+
+OPTIMIZERS = ('adamw', 'adafactor', 'flora', 'galore', 'galore-randomized',
+              'fira')
+CORPORA = ('shakespeare', 'stdlib')
+
+
+def make_optimizer(name: str, lr: float, rank: int, period: int,
+                   min_dim: int) -> optax.GradientTransformation:
+  """The optimizer ``name``; the low-rank ones project the block matrices."""
+  in_blocks = flora_jax.path_mask(byte_lm.in_blocks)
+  low_rank = dict(min_dim=min_dim, projection_mask=in_blocks)
+  if name == 'adamw':
+    return optax.adamw(lr)
+  if name == 'adafactor':
+    return optax.adafactor(lr, min_dim_size_to_factor=min_dim)
+  if name == 'flora':
+    return flora_jax.flora(lr, rank=rank, kappa=period,
+                           min_dim_size_to_factor=min_dim, **low_rank)
+  if name in ('galore', 'galore-randomized'):
+    projector = 'randomized' if name == 'galore-randomized' else 'svd'
+    return flora_jax.galore(lr, rank, update_proj_gap=period,
+                            projector=projector, **low_rank)
+  if name == 'fira':
+    return flora_jax.fira(lr, rank, update_proj_gap=period, **low_rank)
+  raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}')
+
+
+def load_corpus(name: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) bytes of the corpus ``name``, one of `CORPORA`."""
+  if name == 'shakespeare':
+    return datasets.shakespeare_split()
+  return byte_lm.held_out_split(datasets.stdlib_corpus(max_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One run: the optimizer, the data, and how often to log and save.
+
+  The defaults are those of ``examples/train_lm.py``.
+
+  Attributes:
+    optimizer: one of `OPTIMIZERS`.
+    corpus: one of `CORPORA`.
+    corpus_bytes: bytes of stdlib source read (``corpus='stdlib'``).
+    steps: training steps in all (a resumed run counts the earlier ones).
+    batch_size: sequences per step.
+    lr: the learning rate.
+    rank: the rank of the low-rank optimizers.
+    period: Flora's ``kappa`` / GaLore's and Fira's ``update_proj_gap``.
+    min_dim: the smallest matrix side that is projected (and factored).
+    seed: of the initial weights and the batches.
+    log_every: steps between two recorded training losses.
+    eval_every: steps between two held-out evaluations.
+    eval_batches: held-out batches of 32 sequences per evaluation.
+    checkpoint_dir: where orbax checkpoints go; None for none.
+    checkpoint_every: steps between two checkpoints.
+  """
+
+  optimizer: str = 'flora'
+  corpus: str = 'shakespeare'
+  corpus_bytes: int = 4 << 20
+  steps: int = 1000
+  batch_size: int = 16
+  lr: float = 2e-3
+  rank: int = 32
+  period: int = 200
+  min_dim: int = 64
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 8
+  checkpoint_dir: str | None = None
+  checkpoint_every: int = 100
+
+
+@dataclasses.dataclass
+class History:
+  """The loss curves of a run, its duration and its optimizer's state size."""
+
+  steps: list[int] = dataclasses.field(default_factory=list)
+  train_loss: list[float] = dataclasses.field(default_factory=list)
+  eval_steps: list[int] = dataclasses.field(default_factory=list)
+  eval_loss: list[float] = dataclasses.field(default_factory=list)
+  seconds: float = 0.0
+  state_bytes: int = 0
+
+
+def checkpoint_tree(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
+  """What a checkpoint holds: the model's and the optimizer's state."""
+  return {'model': nnx.to_pure_dict(nnx.state(model)),
+          'optimizer': nnx.to_pure_dict(nnx.state(optimizer))}
+
+
+def restore_latest(manager: ocp.CheckpointManager, model: nnx.Module,
+                   optimizer: nnx.Optimizer) -> int:
+  """Loads the latest checkpoint into ``model`` and ``optimizer``, in place.
+
+  Returns:
+    The step the checkpoint was saved at, 0 when there is none.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return 0
+  restored = manager.restore(step, args=ocp.args.StandardRestore(
+      jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                   checkpoint_tree(model, optimizer))))
+  for part, name in ((model, 'model'), (optimizer, 'optimizer')):
+    state = nnx.state(part)
+    nnx.replace_by_pure_dict(state, restored[name])
+    nnx.update(part, state)
+  return step
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> History:
+  """Trains (or resumes) one run; returns its loss curves."""
+  cfg = byte_lm.ModelConfig()
+  train_data, val_data = load_corpus(config.corpus, config.corpus_bytes)
+  val_batches = byte_lm.eval_batches(val_data, config.eval_batches, 32,
+                                     cfg.seq_len)
+  model = byte_lm.ByteTransformer(cfg, rngs=nnx.Rngs(config.seed))
+  tx = make_optimizer(config.optimizer, config.lr, config.rank,
+                      config.period, config.min_dim)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  history = History(state_bytes=flora_jax.memory.state_bytes(
+      nnx.as_pure(optimizer.opt_state)))
+
+  manager, start = None, 0
+  if config.checkpoint_dir:
+    manager = ocp.CheckpointManager(
+        os.path.abspath(config.checkpoint_dir),
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=config.checkpoint_every, max_to_keep=2))
+    start = restore_latest(manager, model, optimizer)
+    if start:
+      print(f'resumed from step {start} in {config.checkpoint_dir}')
+
+  # The batch stream is a function of the seed and the step, so a resumed
+  # run sees exactly the batches the uninterrupted one would have.
+  batches = byte_lm.train_batches(train_data, config.steps, config.batch_size,
+                                  cfg.seq_len, config.seed)
+  bar = range(config.steps)
+  if progress:
+    bar = tqdm(bar, desc=config.optimizer, unit='step', dynamic_ncols=True)
+  began = time.perf_counter()
+  for step, batch in zip(bar, batches, strict=True):
+    if step < start:
+      continue
+    loss = byte_lm.train_step(model, optimizer, jnp.asarray(batch))
+    # Reading a loss waits for the device: only every few steps.
+    if step % config.log_every == 0 or step == config.steps - 1:
+      history.steps.append(step)
+      history.train_loss.append(float(loss))
+      if progress:
+        bar.set_postfix(loss=f'{history.train_loss[-1]:.3f}')
+    if (step + 1) % config.eval_every == 0 or step == config.steps - 1:
+      history.eval_steps.append(step + 1)
+      history.eval_loss.append(float(np.mean(
+          [byte_lm.eval_step(model, b) for b in val_batches])))
+    if manager is not None and manager.should_save(step + 1):
+      manager.save(step + 1, args=ocp.args.StandardSave(
+          checkpoint_tree(model, optimizer)))
+  if manager is not None:
+    manager.wait_until_finished()
+    manager.close()
+  history.seconds = time.perf_counter() - began
+  return history
