@@ -6,9 +6,15 @@
 
 Each notebook runs in a fresh ``python3`` kernel of this interpreter (it needs
 ``nbclient``, ``nbformat`` and ``ipykernel``), from the notebooks' folder,
-with ``FLORA_NOTEBOOK_QUICK=1`` unless ``--full``. The exit status is non-zero
-if any cell raises or times out; the wall time of each notebook is printed.
-The notebooks on disk are not modified (``--out`` saves executed copies).
+with ``FLORA_NOTEBOOK_QUICK=1`` unless ``--full``. A `DeprecationWarning`
+raised by the notebook's own code (a deprecated flora_jax spelling, say) is
+an error: an extra first cell, not saved, sets that warnings filter. The exit
+status is non-zero if any cell raises or times out; the wall time of each
+notebook is printed. The notebooks on disk are not modified (``--out`` saves
+executed copies, without the extra cell).
+
+The ``.ipynb`` files are generated from the jupytext sources ``*.py`` of
+this folder; ``check_sync.py`` checks that they match.
 """
 
 from __future__ import annotations
@@ -25,9 +31,17 @@ import nbformat
 
 HERE = pathlib.Path(__file__).resolve().parent
 
+# Run before the notebook's first cell: deprecated calls in the cells (whose
+# module is __main__ in the kernel) raise instead of printing a warning.
+DEPRECATIONS_ARE_ERRORS = """\
+import warnings
+warnings.filterwarnings('error', category=DeprecationWarning, module='__main__')
+"""
+
 
 def run(path: pathlib.Path, timeout: int, out: pathlib.Path | None) -> None:
   nb = nbformat.read(path, as_version=4)
+  nb.cells.insert(0, nbformat.v4.new_code_cell(DEPRECATIONS_ARE_ERRORS))
   client = nbclient.NotebookClient(
       nb,
       timeout=timeout,  # seconds per cell
@@ -39,6 +53,7 @@ def run(path: pathlib.Path, timeout: int, out: pathlib.Path | None) -> None:
   try:
     client.execute()
   finally:
+    del nb.cells[0]
     if out is not None:
       out.mkdir(parents=True, exist_ok=True)
       nbformat.write(nb, out / path.name)
