@@ -94,6 +94,7 @@ class FloraMultiSteps:
 
   @property
   def inner_opt(self) -> optax.GradientTransformationExtraArgs:
+    """The wrapped optimizer, applied once per cycle."""
     return self._opt
 
   def _cycle_length(self, gradient_step: jax.Array) -> jax.Array:
@@ -102,6 +103,7 @@ class FloraMultiSteps:
     return jnp.asarray(self._every_k, jnp.int32)
 
   def init(self, params: optax.Params) -> FloraMultiStepsState:
+    """The state before the first micro-batch: an empty sketch per leaf."""
     plans = self._rule.plan(params)
     return FloraMultiStepsState(
         mini_step=jnp.zeros([], jnp.int32),
@@ -122,6 +124,11 @@ class FloraMultiSteps:
       params: optax.Params | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, FloraMultiStepsState]:
+    """Adds one micro-batch's gradients; at a cycle's end, steps ``opt``.
+
+    Returns zero updates until the cycle's last micro-batch, then the inner
+    optimizer's updates for the decompressed mean (or sum) of the cycle.
+    """
     validation.check_updates_match_params(updates, params)
     validation.check_same_paths(updates, state.acc_sketch, 'the accumulator')
     plans = self._rule.plan(updates)
@@ -190,6 +197,7 @@ class FloraMultiSteps:
     return jnp.logical_and(state.mini_step == 0, state.gradient_step > 0)
 
   def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
+    """This wrapper as an `optax.GradientTransformationExtraArgs`."""
     # optax types the field with the plain update protocol, not the one with
     # extra arguments that GradientTransformationExtraArgs calls.
     return optax.GradientTransformationExtraArgs(

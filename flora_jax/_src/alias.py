@@ -33,7 +33,7 @@ AdamFlavour = Literal['hf', 'optax']
 def flora(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
-    kappa: int = flora_lib.DEFAULT_KAPPA,
+    kappa: int = 1000,
     b1: float | None = 0.9,
     *,
     key: keys.PRNGKeyLike = 0,

@@ -32,9 +32,6 @@ from flora_jax._src import validation
 from flora_jax._src.projection import LeafPlan
 from flora_jax._src.projection import ProjectionRule
 
-DEFAULT_KAPPA = 1000
-
-
 class FloraCompressState(NamedTuple):
   """State of `flora_compress`: no per-leaf arrays at all."""
 
@@ -57,7 +54,7 @@ class FloraMomentumState(NamedTuple):
 def flora_compress(
     rule: ProjectionRule | int,
     *,
-    kappa: int = DEFAULT_KAPPA,
+    kappa: int = 1000,
     key: keys.PRNGKeyLike = 0,
 ) -> optax.GradientTransformation:
   r"""Replaces each projected gradient by its random-projection round trip.
@@ -137,7 +134,7 @@ def scale_by_flora_momentum(
     b1: float = 0.9,
     *,
     rule: ProjectionRule | int,
-    kappa: int = DEFAULT_KAPPA,
+    kappa: int = 1000,
     key: keys.PRNGKeyLike = 0,
     nesterov: bool = False,
     momentum_dtype: jax.typing.DTypeLike | None = None,

@@ -43,7 +43,7 @@ def lora_scale(rank: int, alpha: float | None = None, rslora: bool = False):
   """The LoRA scale ``s``: ``α / r``, or ``α / sqrt(r)`` with rsLoRA.
 
   Args:
-    rank: r.
+    rank: the rank ``r``.
     alpha: α; None means ``α = r`` (``s = 1`` for plain LoRA).
     rslora: use rank-stabilised LoRA's ``α / sqrt(r)``.
 
@@ -90,7 +90,7 @@ class ScaledLoRA(nnx.LoRA):
       *,
       scale: float,
       rngs: nnx.Rngs,
-      a_initializer=_default_a_initializer,
+      a_initializer: nnx.Initializer | None = None,
       param_dtype=jnp.float32,
       dtype=None,
   ):
@@ -99,7 +99,7 @@ class ScaledLoRA(nnx.LoRA):
         rank,
         base_module.out_features,
         base_module=base_module,
-        a_initializer=a_initializer,
+        a_initializer=a_initializer or _default_a_initializer,
         param_dtype=param_dtype,
         dtype=dtype,
         rngs=rngs,
@@ -238,7 +238,7 @@ def add_lora(
     alpha: float | None = None,
     rslora: bool = False,
     rngs: nnx.Rngs,
-    a_initializer=_default_a_initializer,
+    a_initializer: nnx.Initializer | None = None,
     param_dtype=jnp.float32,
     dtype=None,
 ) -> tuple[str, ...]:
@@ -261,8 +261,8 @@ def add_lora(
     alpha: α (default ``r``: ``s = 1``).
     rslora: use ``s = α / sqrt(r)`` (rank-stabilised LoRA).
     rngs: for ``A`` (and the embedding adapters' ``B``).
-    a_initializer: initializer of ``lora_a`` (default: PEFT's
-      ``U(±1/sqrt(in))``).
+    a_initializer: initializer of ``lora_a``; None for PEFT's
+      ``U(±1/sqrt(in))``.
     param_dtype: dtype of the factors.
     dtype: dtype of the adapter's computation (None: from the inputs).
 

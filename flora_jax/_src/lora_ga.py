@@ -85,8 +85,8 @@ def lora_ga_init(
     key: PRNG key or seed for ``direction='random'``.
 
   Returns:
-    ``{adapter path: the first 2r singular values of its averaged
-    gradient}``.
+    A dict mapping each adapter's path to the first 2r singular values of
+    its averaged gradient.
 
   Raises:
     ValueError: no linear adapter, ``2r`` larger than a layer's smaller

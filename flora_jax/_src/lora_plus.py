@@ -56,7 +56,7 @@ def lora_plus_labels(
 ) -> Any:
   """Labels every leaf with its LoRA+ group, from the parameter paths.
 
-  * ``lora_a`` leaves (`nnx.LoRA`, `flora_jax.add_lora`) -> ``'lora_a'``;
+  * ``lora_a`` leaves (`nnx.LoRA`, `flora_jax.nnx.add_lora`) -> ``'lora_a'``;
   * ``lora_b`` leaves -> ``'lora_b'``;
   * ``lora_embedding_a`` / ``lora_embedding_b`` -> ``'lora_embedding'``;
   * other leaves for which ``trainable(path, leaf)`` holds: 1-D ones ->
@@ -113,7 +113,7 @@ def lora_plus_labels(
   ):
     raise ValueError(
         f'lora_plus: the parameters hold no LoRA factor (no leaf named one'
-        f' of {names}); add adapters with flora_jax.add_lora or nnx.LoRA.'
+        f' of {names}); add adapters with flora_jax.nnx.add_lora or nnx.LoRA.'
     )
   return labels
 

@@ -183,13 +183,15 @@ def state_shardings(
 
   Args:
     tx: any optax transformation (of this library or not).
-    params: the parameters: arrays, `jax.ShapeDtypeStruct`s or NNX Variables
+    params: the parameters: arrays, `jax.ShapeDtypeStruct` leaves or NNX
+      Variables
       (their ``sharding`` metadata from `nnx.with_partitioning` is read).
       Nothing is allocated: the state is evaluated with `jax.eval_shape`.
     param_shardings: a tree like ``params`` of `NamedSharding` or
       `PartitionSpec`; None reads them off ``params`` (``.sharding`` of
       arrays and ShapeDtypeStructs, or NNX metadata).
-    mesh: the mesh, when the shardings are `PartitionSpec`s and no mesh is
+    mesh: the mesh, when the shardings are `PartitionSpec` objects and no
+      mesh is
       set with `jax.set_mesh`.
 
   Returns:
