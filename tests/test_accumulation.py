@@ -26,7 +26,6 @@ import pytest
 
 import flora_jax
 from flora_jax import projections
-from flora_jax._src import keys
 from flora_jax import ProjectionRule
 
 M, N = 16, 24  # a projected matrix: auto side 'left', sketch (R, N).
@@ -251,7 +250,7 @@ def _tree_equal(a, b):
     return False
   return all(
       x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y)
-      for x, y in zip(la, lb)
+      for x, y in zip(la, lb, strict=True)
   )
 
 
@@ -303,7 +302,8 @@ def test_cycle_boundaries_and_counters_match_multisteps(runs, k):
       assert _no_zero_leaf(state.acc_sketch)
     # Same tree, shapes and dtypes on both branches.
     assert jax.tree.structure(u) == jax.tree.structure(run.scenario.params)
-    for x, p in zip(jax.tree.leaves(u), jax.tree.leaves(run.scenario.params)):
+    for x, p in zip(jax.tree.leaves(u), jax.tree.leaves(run.scenario.params),
+                    strict=True):
       assert x.shape == p.shape and x.dtype == p.dtype
     # The key never changes: the cycle index selects the projection.
     np.testing.assert_array_equal(
@@ -408,7 +408,8 @@ def test_projected_update_is_up_of_summed_sketch_per_cycle(runs):
     q = projections.random_projector(key, plan, cycle)
     np.testing.assert_allclose(
         run.states[step - 1].acc_sketch['w'],
-        sum(projections.project_down(q, g['w'], 'left') for g in cycle_grads[:2]),
+        sum(projections.project_down(q, g['w'], 'left')
+            for g in cycle_grads[:2]),
         rtol=1e-5, atol=1e-5,
     )
 
@@ -512,7 +513,8 @@ def test_state_bytes_formula_and_smaller_than_multisteps(capsys):
   inner_bytes = flora_jax.memory.state_bytes(jax.eval_shape(inner.init, params))
   assert inner_bytes == 4 + 2 * (m * n + n) * 4  # adam: count, mu, nu
   assert flora_jax.memory.state_bytes(state.inner_opt_state) == inner_bytes
-  assert flora_jax.memory.state_bytes(state.acc_sketch['w']) == r * max(m, n) * 4
+  sketch_bytes = flora_jax.memory.state_bytes(state.acc_sketch['w'])
+  assert sketch_bytes == r * max(m, n) * 4
   assert flora_jax.memory.state_bytes(ref_state.acc_grads['w']) == m * n * 4
   acc_bytes = flora_jax.memory.state_bytes(state.acc_sketch)
   assert acc_bytes == r * max(m, n) * 4 + n * 4
@@ -563,16 +565,18 @@ def test_stacked_leaves_sketch_shape_and_per_slice_projectors(runs):
     for i in range(L):
       for j in range(i + 1, L):
         assert not np.allclose(q[i], q[j])
-    for l in range(L):
-      # Slice l is compressed with its own Q[l], independently ...
-      acc = sum(projections.project_down(q[l], g[l], 'right') for g in grads)
-      expected = -projections.project_up(q[l], acc, 'right') / k
-      np.testing.assert_allclose(u[l], expected, rtol=1e-5, atol=1e-6)
+    for layer in range(L):
+      # Slice layer is compressed with its own Q[layer], independently ...
+      acc = sum(projections.project_down(q[layer], g[layer], 'right')
+                for g in grads)
+      expected = -projections.project_up(q[layer], acc, 'right') / k
+      np.testing.assert_allclose(u[layer], expected, rtol=1e-5, atol=1e-6)
       # ... and not with the projector of another slice.
-      other = q[(l + 1) % L]
-      acc = sum(projections.project_down(other, g[l], 'right') for g in grads)
+      other = q[(layer + 1) % L]
+      acc = sum(projections.project_down(other, g[layer], 'right')
+                for g in grads)
       wrong = -projections.project_up(other, acc, 'right') / k
-      assert not np.allclose(u[l], wrong, atol=1e-3)
+      assert not np.allclose(u[layer], wrong, atol=1e-3)
     # The mid-cycle sketch has the stacked low-rank shape.
     assert run.states[step - 1].acc_sketch['t'].shape == (L, N, R)
 
@@ -590,14 +594,15 @@ def test_jit_matches_eager(runs):
   js = run.states[i]
   assert _no_zero_leaf(u)
   assert jax.tree.structure(u) == jax.tree.structure(run.updates[i])
-  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(run.updates[i])):
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(run.updates[i]),
+                  strict=True):
     assert a.dtype == b.dtype
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert int(state.mini_step) == int(js.mini_step) == 0
   assert int(state.gradient_step) == int(js.gradient_step) == 2
   for a, b in zip(
       jax.tree.leaves((state.inner_opt_state, state.acc_sketch)),
-      jax.tree.leaves((js.inner_opt_state, js.acc_sketch)),
+      jax.tree.leaves((js.inner_opt_state, js.acc_sketch)), strict=True,
   ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -655,7 +660,7 @@ def test_gradient_transformation_inside_chain(runs):
   for i in range(NSTEPS):
     for a, b in zip(
         jax.tree.leaves(chain_run.updates[i]),
-        jax.tree.leaves(direct.updates[i]),
+        jax.tree.leaves(direct.updates[i]), strict=True,
     ):
       np.testing.assert_allclose(a, 2.0 * b, rtol=1e-6, atol=1e-7)
     inner_state = chain_run.states[i][1]

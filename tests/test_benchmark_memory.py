@@ -69,7 +69,7 @@ def test_llama_loss_is_near_uniform_at_small_init_and_differentiable():
   params = jax.tree.unflatten(treedef, [
       jnp.ones(a.shape) if a.ndim == 1
       else 0.02 * jax.random.normal(k, a.shape)
-      for a, k in zip(leaves, keys)])
+      for a, k in zip(leaves, keys, strict=True)])
   tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, MICRO.vocab)
   loss, grads = jax.jit(jax.value_and_grad(llama.lm_loss))(params, tokens)
   assert abs(float(loss) - math.log(MICRO.vocab)) < 0.1
@@ -83,7 +83,8 @@ def test_causal_attention_ignores_the_future():
   leaves, treedef = jax.tree.flatten(abstract)
   keys = jax.random.split(jax.random.key(2), len(leaves))
   params = jax.tree.unflatten(treedef, [
-      0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+      0.1 * jax.random.normal(k, a.shape)
+      for a, k in zip(leaves, keys, strict=True)])
   x = jax.random.normal(jax.random.key(3), (1, 8, MICRO.d_model))
   changed = x.at[:, 5:].set(0.0)
   attn = params['layers'][0]['attn']

@@ -193,8 +193,9 @@ def test_movie_review_split_is_seeded_and_disjoint(reviews):
   assert (len(train.texts), len(test.texts)) == (8_056, 2_014)
   assert not set(train.texts) & set(test.texts)
   assert set(train.texts) | set(test.texts) == set(reviews.texts)
-  label_of = dict(zip(reviews.texts, reviews.labels))
-  assert all(label_of[t] == y for t, y in zip(test.texts, test.labels))
+  label_of = dict(zip(reviews.texts, reviews.labels, strict=True))
+  assert all(label_of[t] == y
+             for t, y in zip(test.texts, test.labels, strict=True))
   assert 0.45 < test.labels.mean() < 0.55
   other = datasets.movie_review_split(0.2, seed=1)[1]
   assert set(other.texts) != set(test.texts)

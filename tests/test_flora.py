@@ -228,7 +228,8 @@ def test_momentum_state_shapes_dtypes_and_bytes():
         jnp.dtype(dtype)}
     numbers = 4 * 32 + 32 * 16 + 3 * 4 * 24 + 32 + 100 * 16
     key_and_count = 8 + 4
-    assert flora_jax.memory.state_bytes(state) == numbers * itemsize + key_and_count
+    total = numbers * itemsize + key_and_count
+    assert flora_jax.memory.state_bytes(state) == total
 
 
 def _reference_momentum(b1, kappa, key, plan, grads, transfer='paper',
@@ -307,7 +308,7 @@ def test_paper_transfer_keeps_direction_and_published_transfer_collapses():
   tx = flora_jax.scale_by_flora_momentum(b1, rule=_small(rank), kappa=kappa,
                                          key=1, nesterov=True)
   state, update = tx.init(g), jax.jit(tx.update)
-  for t in range(2 * kappa):
+  for _t in range(2 * kappa):
     out, state = update(g, state)
   np.testing.assert_allclose(out, ours[-1], rtol=1e-4,
                              atol=1e-5 * float(jnp.abs(out).max()))
@@ -337,7 +338,8 @@ def test_flora_under_inject_hyperparams_matches_the_plain_optimizer():
                    'min_dim_size_to_factor'),
   )(learning_rate=0.05, **kwargs)
   s_plain, s_inj = plain.init(params), injected.init(params)
-  plain_update, injected_update = jax.jit(plain.update), jax.jit(injected.update)
+  plain_update = jax.jit(plain.update)
+  injected_update = jax.jit(injected.update)
   for t in range(4):
     u_plain, s_plain = plain_update(_grads(t), s_plain, params)
     u_inj, s_inj = injected_update(_grads(t), s_inj, params)

@@ -44,7 +44,7 @@ def _run(tx, steps, params=None, grads_fn=_grads):
   return history, step
 
 
-svd_projector = jax.jit(flora_jax.projections.svd_projector, static_argnames='plan')
+svd_projector = jax.jit(projections.svd_projector, static_argnames='plan')
 randomized_projector = jax.jit(
     flora_jax.projections.randomized_projector,
     static_argnames=('plan', 'power_iterations', 'oversampling'))
@@ -90,7 +90,7 @@ def test_canonical_signs_make_the_projector_sign_invariant():
   plan = _plan(g.shape, 'left', 5)
   flips = jnp.where(jnp.arange(5) % 2 == 0, 1.0, -1.0)
   q = svd_projector(g, plan)
-  np.testing.assert_array_equal(flora_jax.projections.canonicalize_signs(q * flips), q)
+  np.testing.assert_array_equal(projections.canonicalize_signs(q * flips), q)
 
 
 @pytest.mark.parametrize('shape,side', [((256, 192), 'left'),
@@ -128,7 +128,7 @@ def test_change_basis_equals_down_of_up():
     expected = projections.project_down(
         q_new, projections.project_up(q_old, c, side), side)
     np.testing.assert_allclose(
-        flora_jax.projections.change_basis(q_old, q_new, c, side), expected, atol=1e-5)
+        projections.change_basis(q_old, q_new, c, side), expected, atol=1e-5)
 
 
 # -------------------------------------------------------------- galore
@@ -176,7 +176,7 @@ def test_stacked_leaf_equals_separate_matrices():
   tx = flora_jax.fira(1e-2, 4, update_proj_gap=3, **SMALL)
   a, _ = _run(tx, 5, stacked, grads_stacked)
   b, _ = _run(tx, 5, separate, grads_separate)
-  for (ua, _), (ub, _) in zip(a, b):
+  for (ua, _), (ub, _) in zip(a, b, strict=True):
     for i in range(3):
       np.testing.assert_allclose(ua['s'][i], ub[str(i)], rtol=1e-5,
                                  atol=1e-7)
@@ -538,7 +538,8 @@ def test_state_bytes_follow_the_formula():
       f32 * (projectors + moments) + scalars)
   # Against the full Adam state: smaller.
   adam = jax.eval_shape(optax.adamw(1e-2).init, params)
-  assert flora_jax.memory.state_bytes(state) < flora_jax.memory.state_bytes(adam)
+  state_bytes = flora_jax.memory.state_bytes
+  assert state_bytes(state) < state_bytes(adam)
 
 
 def test_state_bytes_against_optax_contrib_galore():

@@ -75,7 +75,8 @@ def test_fira_beats_galore_and_galore_stays_close_to_adamw(seed):
   residual recovers most of what the subspace leaves out.
   """
   subspace = dict(rank=RANK, update_proj_gap=200, scale=1.0, min_dim=16)
-  adamw = _held_out_loss_after_training(optax.adamw(LEARNING_RATE, weight_decay=0.0), seed)
+  adamw = _held_out_loss_after_training(
+      optax.adamw(LEARNING_RATE, weight_decay=0.0), seed)
   galore = _held_out_loss_after_training(
       flora_jax.galore(LEARNING_RATE, **subspace), seed)
   fira = _held_out_loss_after_training(

@@ -44,7 +44,7 @@ def _flax_params():
 
 
 def _grad_sequence():
-  """Gradients with a decaying spectrum, so singular vectors are well defined."""
+  """Gradients with a decaying spectrum: well-defined singular vectors."""
   params = _flax_params()
   grads = []
   for step in range(STEPS):
@@ -79,7 +79,7 @@ def _run_flax(tx):
 
 
 def _assert_close_deltas(ours, theirs, rtol):
-  for step, (a, b) in enumerate(zip(ours, theirs)):
+  for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
     for name in a:
       err = np.linalg.norm(a[name] - b[name]) / np.linalg.norm(b[name])
       assert err <= rtol, (step, name, err)

@@ -60,7 +60,8 @@ BLOCK_LAYERS = r'blocks/\d+/(up|down)'
 def _adapted(targets=BLOCK_LAYERS, rank=RANK, **kwargs):
   base = TinyModel(nnx.Rngs(0))
   model = nnx.clone(base)
-  paths = flora_jax.nnx.add_lora(model, targets, rank, rngs=nnx.Rngs(1), **kwargs)
+  paths = flora_jax.nnx.add_lora(model, targets, rank, rngs=nnx.Rngs(1),
+                                 **kwargs)
   return base, model, paths
 
 
@@ -221,7 +222,8 @@ def test_first_sgd_step_is_the_best_rank_2r_gradient_step(direction):
       first_order = -lr * s**2 * c2 * _best_rank(g, 2 * RANK)
       second_order = lr**2 * s**3 * (g @ b.T) @ (a.T @ g)
       np.testing.assert_allclose(change, first_order + second_order,
-                                 rtol=2e-3, atol=1e-3 * np.abs(first_order).max())
+                                 rtol=2e-3,
+                                 atol=1e-3 * np.abs(first_order).max())
       if lr == 1e-4:
         err = np.linalg.norm(change - first_order) / np.linalg.norm(first_order)
         assert err < 2e-3, (key, err)
@@ -232,7 +234,8 @@ def test_lora_ga_scales_and_shape_of_the_offset():
   flora_jax.nnx.lora_ga_init(model, _loss, [_batch(0)], factor_scale='unit')
   a = model.blocks[0].up.lora_a[...]
   np.testing.assert_allclose(a.T @ a, np.eye(RANK), atol=1e-5)
-  offset = base.blocks[0].up.kernel[...] - model.blocks[0].up.base_module.kernel[...]
+  offset = (base.blocks[0].up.kernel[...]
+            - model.blocks[0].up.base_module.kernel[...])
   np.testing.assert_allclose(offset, a @ model.blocks[0].up.lora_b[...],
                              atol=1e-6)
   _, model, _ = _adapted()
@@ -337,4 +340,5 @@ def test_bad_lora_ga_inputs():
     flora_jax.nnx.lora_ga_init(TinyModel(nnx.Rngs(0)), _loss, [_batch(0)])
   with pytest.raises(ValueError, match='not an nnx.Linear'):
     flora_jax.nnx.apply_lora_delta(TinyModel(nnx.Rngs(0)), {
-        'blocks/0': flora_jax.nnx.LoRADelta(jnp.ones((12, 1)), jnp.ones((1, 20)), 1.0)})
+        'blocks/0': flora_jax.nnx.LoRADelta(jnp.ones((12, 1)),
+                                            jnp.ones((1, 20)), 1.0)})

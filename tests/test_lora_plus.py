@@ -116,7 +116,7 @@ def test_ratio_one_is_adamw_bit_for_bit():
           jax.tree_util.keystr(p, simple=True, separator='/'), None), params)
   theirs = _run(optax.adamw(SCHEDULE, weight_decay=0.1, mask=decay_mask),
                 params, _gradients(params))
-  for a, b in zip(ours, theirs):
+  for a, b in zip(ours, theirs, strict=True):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 

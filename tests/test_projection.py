@@ -35,7 +35,8 @@ def test_selection_rules_follow_the_paper_defaults():
   assert not plans["['small']"].projected
   assert not plans["['bias']"].projected
   assert not plans["['scalar']"].projected
-  no_aspect_limit = _plans(ProjectionRule(rank=128, max_aspect_ratio=None), tree)
+  no_aspect_limit = _plans(
+      ProjectionRule(rank=128, max_aspect_ratio=None), tree)
   assert no_aspect_limit["['embed']"].projected
 
 
@@ -96,7 +97,8 @@ def test_a_mask_that_does_not_fit_is_refused():
 @pytest.mark.parametrize('dtype', [jnp.int32, jnp.complex64])
 def test_non_real_float_projected_leaf_is_refused_with_its_path(dtype):
   rule = ProjectionRule(4, min_dim=8)
-  with pytest.raises(TypeError, match=r"\['layer'\]\['kernel'\].*real floating"):
+  message = r"\['layer'\]\['kernel'\].*real floating"
+  with pytest.raises(TypeError, match=message):
     rule.plan({'layer': {'kernel': jnp.zeros((16, 16), dtype)}})
   # Not selected for projection: fine.
   rule.plan({'layer': {'step': jnp.zeros((), jnp.int32)}})
@@ -134,7 +136,8 @@ def test_all_key_forms_give_the_same_typed_key():
 
 @pytest.mark.parametrize(
     'bad', [1.5, 'seed', None, True, jnp.zeros(3, jnp.uint32),
-            jax.random.split(jax.random.key(0), 2), jnp.zeros((2,), jnp.float32)]
+            jax.random.split(jax.random.key(0), 2),
+            jnp.zeros((2,), jnp.float32)]
 )
 def test_invalid_keys_are_refused(bad):
   with pytest.raises((TypeError, ValueError), match='key'):

@@ -78,7 +78,8 @@ def test_the_optax_transforms_work_without_flax():
           assert 'LoRA factor' in str(error)
           continue
         updates, _ = jax.jit(tx.update)(params, state, params)
-        assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+        leaves = jax.tree.leaves(updates)
+        assert all(bool(jnp.isfinite(u).all()) for u in leaves)
       mesh = jax.make_mesh((1,), ('data',))
       specs = flora_jax.state_partition_specs(
           flora_jax.flora(1e-2, rank=4, min_dim=8), params, mesh=mesh)
@@ -118,7 +119,7 @@ def _updates(tx, steps=2):
 
 
 def _assert_same(old, new):
-  for a, b in zip(_updates(old), _updates(new)):
+  for a, b in zip(_updates(old), _updates(new), strict=True):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -170,9 +171,9 @@ def test_old_spellings_warn_and_build_the_same_transform(old, new):
 def test_old_and_new_spelling_together_are_refused():
   with pytest.raises(TypeError, match='projection_mask'):
     flora_jax.galore(1e-2, projection_mask=MASK, mask=MASK)
-  with pytest.raises(ValueError, match='projection_mask or mask'):
-    with pytest.warns(DeprecationWarning):
-      flora_jax.ProjectionRule(4, projection_mask=MASK, mask=MASK)
+  with (pytest.raises(ValueError, match='projection_mask or mask'),
+        pytest.warns(DeprecationWarning)):
+    flora_jax.ProjectionRule(4, projection_mask=MASK, mask=MASK)
 
 
 @pytest.mark.parametrize('name, namespace', [

@@ -119,7 +119,8 @@ def test_state_shardings_follow_the_parameters():
   assert factored.v_row['wide'] == P('data')
   assert factored.v_col['wide'] == P('model')
   assert factored.v_row['stack'] == P(None, 'data')
-  assert momentum.momentum['wide'] == P(None, 'model')  # (r, n): rows compressed
+  # (r, n): rows compressed
+  assert momentum.momentum['wide'] == P(None, 'model')
   assert momentum.momentum['stack'] == P(None, None, 'model')
   assert momentum.momentum['bias'] == P('model')
   assert momentum.count == P() and momentum.key == P()
@@ -150,7 +151,7 @@ def test_apply_shardings_lays_out_a_fresh_state(axis_type):
     state = jax.jit(
         lambda p: flora_jax.apply_shardings(tx.init(p), shardings))(params)
   for (path, leaf), want in zip(jax.tree.leaves_with_path(state),
-                                jax.tree.leaves(shardings)):
+                                jax.tree.leaves(shardings), strict=True):
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (
         jax.tree_util.keystr(path), leaf.sharding.spec, want.spec)
 
@@ -188,11 +189,11 @@ def test_sharded_run_equals_single_device(name, axis_type,
       params = optax.apply_updates(params, u)
       for (path, got), want in zip(
           jax.tree.leaves_with_path(u),
-          jax.tree.leaves(single_device_runs[name][t])):
+          jax.tree.leaves(single_device_runs[name][t]), strict=True):
         err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
         assert err < 1e-5, (t, jax.tree_util.keystr(path), err)
       for (path, leaf), want in zip(jax.tree.leaves_with_path(state),
-                                    jax.tree.leaves(shardings)):
+                                    jax.tree.leaves(shardings), strict=True):
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (
             t, jax.tree_util.keystr(path), leaf.sharding.spec, want.spec)
 
@@ -325,7 +326,8 @@ def test_nnx_optimizer_on_a_partitioned_stacked_model(name):
     optimizer = make_optimizer(model)
     is_variable = lambda v: isinstance(v, nnx.Variable)
     leaves = jax.tree.leaves(optimizer.opt_state, is_leaf=is_variable)
-    for variable, sharding in zip(leaves, jax.tree.leaves(shardings)):
+    for variable, sharding in zip(leaves, jax.tree.leaves(shardings),
+                                  strict=True):
       value = variable.get_value()
       assert value.sharding.is_equivalent_to(sharding, value.ndim)
     stacked = [s.spec for (path, s) in jax.tree.leaves_with_path(shardings)
@@ -381,7 +383,7 @@ def test_orbax_resume_is_bitwise_across_a_refresh(name, tmp_path):
     moved = manager.restore(1, args=ocp.args.StandardRestore(abstract))
   _assert_bitwise(moved, states[0])
   for leaf, want in zip(jax.tree.leaves(moved),
-                        jax.tree.leaves(other_shardings)):
+                        jax.tree.leaves(other_shardings), strict=True):
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
   manager.close()
 
@@ -419,6 +421,8 @@ def test_refresh_is_selected_without_the_sequential_scheduler(monkeypatch):
       results[flags] = _run(tx, params, [_put(g, mesh) for g in grads],
                             step)[0]
   assert 'conditional' not in programs['']
-  assert 'conditional' in programs[flora_jax._src.compat.SEQUENTIAL_CPU_SCHEDULER]
-  for a, b in zip(*(jax.tree.leaves(r) for r in results.values())):
+  sequential = flora_jax._src.compat.SEQUENTIAL_CPU_SCHEDULER
+  assert 'conditional' in programs[sequential]
+  for a, b in zip(*(jax.tree.leaves(r) for r in results.values()),
+                  strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
