@@ -158,13 +158,12 @@ class ProjectionRule:
   @classmethod
   def of(cls, rule: ProjectionRule | int) -> ProjectionRule:
     """``rule`` itself, or ``ProjectionRule(rule)`` for an int rank."""
-    if isinstance(rule, cls):
+    if isinstance(rule, ProjectionRule):
       return rule
-    if isinstance(rule, bool) or not isinstance(rule, (int, np.integer)):
-      raise TypeError(
-          'rule must be a flora_jax.ProjectionRule or an int rank, got'
-          f' {rule!r}.'
-      )
+    validation.check_instance(
+        'rule', rule, (int, np.integer),
+        'a flora_jax.ProjectionRule or an int rank',
+    )
     return cls(int(rule))
 
   def leaf_plan(self, path: str, shape: tuple[int, ...]) -> LeafPlan:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from flora_jax._src import compat
 from flora_jax._src import keys
+from flora_jax._src import validation
 from flora_jax._src.projection import LeafPlan
 
 _SIDES = ('left', 'right')
@@ -62,8 +63,7 @@ def gaussian_projector(
 
 
 def _check_side(side: str) -> None:
-  if side not in _SIDES:
-    raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
+  validation.check_choice('side', side, _SIDES)
 
 
 def _spec(x: jax.Array) -> tuple[Any, ...]:

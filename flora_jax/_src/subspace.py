@@ -152,10 +152,10 @@ def scale_by_galore(
   )
   validation.check_key('key', key)
   validation.check_bool('transfer_moments', transfer_moments)
-  if residual is not None and not isinstance(residual, FiraResidual):
-    raise TypeError(
-        f'residual must be None or a FiraResidual, got {residual!r}.'
-    )
+  validation.check_instance(
+      'residual', residual, (FiraResidual, type(None)),
+      'None or a flora_jax.FiraResidual',
+  )
   source = _projector_source(
       projector, canonical_signs, power_iterations, oversampling
   )

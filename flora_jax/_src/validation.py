@@ -164,6 +164,20 @@ def check_float_dtype(name: str, dtype: Any) -> np.dtype:
   return resolved
 
 
+def check_instance(name: str, value: Any, kinds: Any, expected: str) -> None:
+  """Raises a TypeError unless ``isinstance(value, kinds)``.
+
+  Args:
+    name: the argument's name.
+    value: its value.
+    kinds: a type or a tuple of types (``type(None)`` for an optional one).
+    expected: what to ask for in the message (``'a FiraResidual'``).
+  """
+  # A bool is an int to Python, but never a valid rank or option here.
+  if isinstance(value, bool) or not isinstance(value, kinds):
+    raise TypeError(f'{name} must be {expected}, got {value!r}.')
+
+
 def check_transformation(name: str, value: Any) -> None:
   if not isinstance(value, optax.GradientTransformation):
     raise TypeError(
