@@ -8,8 +8,8 @@ the `ProjectionRule` that the ``scale_by_*`` transforms take.
 from __future__ import annotations
 
 import functools
-from typing import Literal
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import optax

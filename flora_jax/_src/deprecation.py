@@ -13,8 +13,8 @@ import dataclasses
 import functools
 import inspect
 import warnings
-from typing import Any, TypeVar
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from flora_jax._src.projection import ProjectionRule
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Literal
 from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import numpy as np
