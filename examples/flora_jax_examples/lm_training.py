@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
