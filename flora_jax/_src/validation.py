@@ -188,9 +188,8 @@ def check_transformation(name: str, value: Any) -> None:
 
 def check_key(name: str, key: Any) -> None:
   """Construction-time check of a PRNG key argument; tracers pass through."""
-  if isinstance(key, jax_core.Tracer):
-    return
-  keys.as_prng_key(key, name)
+  if is_concrete(key):
+    keys.as_prng_key(key, name)
 
 
 def check_real_float_leaf(path: str, leaf: Any, needs: str, fix: str) -> None:
