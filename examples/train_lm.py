@@ -4,8 +4,9 @@ A Flax NNX training loop: the quickstart's decoder-only transformer on the
 Shakespeare plays (or the Python standard library's sources), the optimizer
 chosen by flag, a progress bar, periodic held-out evaluation, and orbax
 checkpoints from which an interrupted run resumes exactly where it stopped
-(run the same command again). This script is the command line; the loop
-is `train` in ``examples/flora_jax_examples/lm_training.py``
+(run the same command again; a checkpoint whose checksums do not match is
+refused, with the step and the damaged leaf). This script is the command
+line; the loop is `train` in ``examples/flora_jax_examples/lm_training.py``
 (`flora_jax_examples.lm_training`), the model in ``byte_lm.py`` beside it.
 
 Run::
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from flora_jax_examples import checkpoints
 from flora_jax_examples import lm_training
 
 
@@ -72,7 +74,11 @@ def main():
   config = lm_training.TrainConfig(**args)
   if is_quick:
     config = quick(config)
-  history = lm_training.train(config)
+  try:
+    history = lm_training.train(config)
+  except checkpoints.CheckpointError as error:
+    # The message says which checkpoint and what to do; not a traceback.
+    raise SystemExit(f'error: {error}') from error
   if not history.train_loss:
     print('nothing to do: the checkpoint is at'
           f' --steps {config.steps} already')

@@ -28,6 +28,7 @@ from flora_jax._src.flora import scale_by_flora_momentum
 from flora_jax._src.lora_plus import lora_plus
 from flora_jax._src.projection import path_mask
 from flora_jax._src.projection import ProjectionRule
+from flora_jax._src.settings import adopt_settings
 from flora_jax._src.sharding import apply_shardings
 from flora_jax._src.sharding import state_partition_specs
 from flora_jax._src.sharding import state_shardings
@@ -35,7 +36,7 @@ from flora_jax._src.subspace import GaLoreState
 from flora_jax._src.subspace import scale_by_fira
 from flora_jax._src.subspace import scale_by_galore
 
-__version__ = '0.2.0'
+__version__ = '0.3.0'
 
 __all__ = (
     'FiraResidual',
@@ -46,6 +47,7 @@ __all__ = (
     'GaLoreState',
     'LimitNormGrowthState',
     'ProjectionRule',
+    'adopt_settings',
     'apply_shardings',
     'fira',
     'flora',

@@ -2,7 +2,8 @@
 
 * `add_lora` puts a scaled LoRA adapter (`ScaledLoRA`, `ScaledLoRAEmbed`) on
   the matching `flax.nnx.Linear` / `flax.nnx.Embed` layers of a model;
-  `merge_lora` / `unmerge_lora` fold it into the base weights and back.
+  `merge_lora` / `unmerge_lora` fold it into the base weights and back
+  (what was merged is state: `LoRAMergeRecord`).
 * `lora_ga_init` initialises the adapters from the full gradient's SVD.
 * `lora_delta` / `apply_lora_delta` export the adapters as low-rank deltas
   relative to the original weights.
@@ -26,6 +27,7 @@ from flora_jax._src.lora import lora_delta
 from flora_jax._src.lora import lora_scale
 from flora_jax._src.lora import LoRADelta
 from flora_jax._src.lora import LoRAInitialFactor
+from flora_jax._src.lora import LoRAMergeRecord
 from flora_jax._src.lora import merge_lora
 from flora_jax._src.lora import ScaledLoRA
 from flora_jax._src.lora import ScaledLoRAEmbed
@@ -37,6 +39,7 @@ from flora_jax._src.lora_plus import lora_plus_labels
 __all__ = (
     'LoRADelta',
     'LoRAInitialFactor',
+    'LoRAMergeRecord',
     'ScaledLoRA',
     'ScaledLoRAEmbed',
     'add_lora',

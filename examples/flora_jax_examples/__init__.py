@@ -15,6 +15,8 @@ Modules:
 * `flora_jax_examples.llama`: the LLaMA-shaped model of
   ``benchmarks/benchmark_memory.py`` and its compiled-step memory.
 * `flora_jax_examples.memory_tables`: that benchmark's optimizers and tables.
+* `flora_jax_examples.checkpoints`: orbax checkpoints saved with a
+  checksum per leaf and verified at restore.
 * `flora_jax_examples.datasets`: pinned, checksummed real data
   (``python -m flora_jax_examples.datasets fetch``).
 * `flora_jax_examples.bert`: a BERT encoder in Flax NNX and the

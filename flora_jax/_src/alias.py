@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from flora_jax._src import adam_hf
@@ -47,6 +48,7 @@ def flora(
     weight_decay_mask: MaskOrFn = None,
     nesterov: bool = False,
     momentum_dtype: jax.typing.DTypeLike | None = None,
+    momentum_transfer: flora_lib.MomentumTransfer = 'least_squares',
     side: Side = 'auto',
     min_dim: int = 128,
     max_aspect_ratio: float | None = 4.0,
@@ -91,6 +93,8 @@ def flora(
     weight_decay_mask: optax-style mask of the leaves to decay.
     nesterov: see `scale_by_flora_momentum`.
     momentum_dtype: see `scale_by_flora_momentum`.
+    momentum_transfer: how the momentum moves into a re-drawn subspace,
+      see `scale_by_flora_momentum`.
     side: which axis is compressed, see `flora_jax.ProjectionRule`.
     min_dim: see `flora_jax.ProjectionRule`.
     max_aspect_ratio: see `flora_jax.ProjectionRule`.
@@ -109,6 +113,9 @@ def flora(
     Hao, Cao & Mou, 2024, https://arxiv.org/abs/2402.03293;
     Shazeer & Stern, 2018 (Adafactor), https://arxiv.org/abs/1804.04235
   """
+  validation.check_learning_rate('learning_rate', learning_rate)
+  validation.check_finite_at_least('decay_rate', decay_rate, 0.0)
+  validation.check_finite_at_least('eps', eps, 0.0)
   transforms = [
       optax.scale_by_factored_rms(
           factored=True,
@@ -125,7 +132,7 @@ def flora(
     transforms.append(
         flora_lib.scale_by_flora_momentum(
             b1, rule=rule, kappa=kappa, key=key, nesterov=nesterov,
-            momentum_dtype=momentum_dtype,
+            momentum_dtype=momentum_dtype, momentum_transfer=momentum_transfer,
         )
     )
   if clipping_threshold is not None:
@@ -137,7 +144,7 @@ def flora(
         optax.add_decayed_weights(weight_decay, weight_decay_mask)
     )
   transforms.append(optax.scale_by_learning_rate(learning_rate))
-  return tree_util.init_on_arrays(optax.chain(*transforms))
+  return _checked_tree(optax.chain(*transforms), _factored_moment)
 
 
 @deprecation.renamed_arguments(mask='projection_mask')
@@ -331,7 +338,12 @@ def _adam_in_subspace(
     adam: AdamFlavour,
 ) -> optax.GradientTransformation:
   """The `galore`/`fira` chain around ``in_subspace(inner Adam)``."""
+  validation.check_learning_rate('learning_rate', learning_rate)
   validation.check_choice('adam', adam, AdamFlavour)
+  validation.check_in_range('b1', b1, 0.0, 1.0)
+  validation.check_in_range('b2', b2, 0.0, 1.0)
+  validation.check_finite_at_least('eps', eps, 0.0)
+  validation.check_finite_at_least('weight_decay', weight_decay, 0.0)
   decays = validation.may_be_nonzero(weight_decay)
   if adam == 'hf':
     eps = 1e-6 if eps is None else eps
@@ -353,4 +365,50 @@ def _adam_in_subspace(
           optax.add_decayed_weights(weight_decay, weight_decay_mask)
       )
     transforms.append(optax.scale_by_learning_rate(learning_rate))
-  return optax.chain(*transforms)
+  return _checked_tree(optax.chain(*transforms), _projectors)
+
+
+def _factored_moment(chain_state: Any) -> Any:
+  """`flora`'s factored second moment: a leaf (maybe a dummy) per param."""
+  return chain_state[0].v
+
+
+def _projectors(chain_state: Any) -> Any:
+  """`galore`'s and `fira`'s projectors: a leaf or MaskedNode per param."""
+  return chain_state[0].projectors
+
+
+def _checked_tree(
+    tx: optax.GradientTransformation,
+    parameter_tree: Callable[[optax.OptState], optax.Params],
+) -> optax.GradientTransformation:
+  """``tx`` that compares the updates' tree with the params' at `update`.
+
+  The chains start with optax transforms, which would fail on a mismatched
+  tree with a bare pytree error before the projecting transform's own check
+  names the leaf. ``parameter_tree`` picks a tree with the parameters' paths
+  out of the chain's state.
+
+  ``init`` sees arrays: Python numbers are converted and NNX Variables
+  unwrapped. optax initialisers keep each Variable, sharding metadata
+  included, around the state leaf made from it, which suits a moment of the
+  parameter's shape but not a factored statistic of another shape
+  (`optax.scale_by_factored_rms`): `nnx.Optimizer` would reshard its
+  ``(m,)`` vector with the parameter's 2-D spec and fail. The state's
+  shardings come from `state_shardings` instead.
+  """
+
+  def init_fn(params):
+    params = jax.tree.map(
+        lambda x: jnp.asarray(x) if isinstance(x, (int, float)) else x,
+        tree_util.unwrap_variables(params),
+    )
+    return tx.init(params)
+
+  def update_fn(updates, state, params=None):
+    validation.check_same_paths(
+        updates, parameter_tree(state), 'the optimizer'
+    )
+    return tx.update(updates, state, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -17,7 +17,8 @@ optimizer alias `flora` is in `alias.py`, compressed gradient accumulation
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +28,23 @@ from flora_jax._src import compat
 from flora_jax._src import deprecation
 from flora_jax._src import keys
 from flora_jax._src import projectors
+from flora_jax._src import settings
 from flora_jax._src import tree_util
 from flora_jax._src import validation
 from flora_jax._src.projection import LeafPlan
 from flora_jax._src.projection import ProjectionRule
+
+MomentumTransfer = Literal['least_squares', 'paper', 'reset']
+
 
 class FloraCompressState(NamedTuple):
   """State of `flora_compress`: no per-leaf arrays at all."""
 
   count: jax.Array  # int32[]: number of updates so far.
   key: jax.Array  # key[]: base key of every projection.
+  # {'kappa=... plans=...': int8[]}: what the state was made for; `update`
+  # refuses a state made for other settings (see `adopt_settings`).
+  settings: dict[str, jax.Array]
 
 
 class FloraMomentumState(NamedTuple):
@@ -48,6 +56,9 @@ class FloraMomentumState(NamedTuple):
   # (..., m, r) for side 'right'; the full momentum (leaf shape) for leaves
   # that are not projected. dtype: `momentum_dtype`.
   momentum: optax.Updates
+  # {'kappa=... momentum_transfer=... plans=...': int8[]}, as in
+  # `FloraCompressState`.
+  settings: dict[str, jax.Array]
 
 
 @deprecation.flat_projection_arguments
@@ -104,14 +115,16 @@ def flora_compress(
   validation.check_key('key', key)
 
   def init_fn(params):
-    rule.plan(params)  # Refuses unusable leaves now rather than at update.
     return FloraCompressState(
-        count=jnp.zeros([], jnp.int32), key=keys.as_prng_key(key)
+        count=jnp.zeros([], jnp.int32),
+        key=keys.as_prng_key(key),
+        settings=settings.record(rule.plan(params), kappa=kappa),
     )
 
   def update_fn(updates, state, params=None):
     validation.check_updates_match_params(updates, params)
     plans = rule.plan(updates)
+    settings.check(state.settings, plans, kappa=kappa)
     index = state.count // kappa
 
     def compress(plan, g):
@@ -123,7 +136,9 @@ def flora_compress(
 
     new_updates = jax.tree.map(compress, plans, updates)
     return new_updates, FloraCompressState(
-        count=compat.safe_increment(state.count), key=state.key
+        count=compat.safe_increment(state.count),
+        key=state.key,
+        settings=state.settings,
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -138,6 +153,7 @@ def scale_by_flora_momentum(
     key: keys.PRNGKeyLike = 0,
     nesterov: bool = False,
     momentum_dtype: jax.typing.DTypeLike | None = None,
+    momentum_transfer: MomentumTransfer = 'least_squares',
 ) -> optax.GradientTransformation:
   r"""Exponential moving average of the updates, stored in compressed form.
 
@@ -153,12 +169,29 @@ def scale_by_flora_momentum(
     \text{output}_t &= \beta_1\, \mathrm{up}_{Q_t}(C_{t-1})
         + (1 - \beta_1)\, u_t
 
-  The transfer at a resample moves the momentum into the new subspace, as in
-  the paper's Algorithm 2 and its PyTorch code, and the current update enters
-  the output exactly: only the history is compressed. (The published optax
-  code transfers with the old projection on both sides, which blows the
-  momentum up and decorrelates it from the gradient after each resample; it
-  is deliberately not offered.)
+  The current update enters the output exactly: only the history is
+  compressed. The transfer at a resample (``momentum_transfer``) moves the
+  momentum into the new subspace:
+
+  * ``'least_squares'`` (default): the ``C`` whose ``up_{Q_t}(C)`` is
+    closest to ``up_{Q_{t-1}}(C_{t-1})``, i.e. the old momentum projected
+    orthogonally onto the new subspace (`flora_jax.projections.change_basis`
+    with ``least_squares=True``). Its norm never grows, so the momentum is
+    stable at every ``kappa``.
+  * ``'paper'``: ``down_{Q_t}(up_{Q_{t-1}}(C))``, the paper's Algorithm 2
+    and its PyTorch code. Unbiased, but each transfer multiplies the
+    momentum's expected norm by ``sqrt(dim / r)`` while ``kappa`` steps
+    shrink it by ``b1^kappa``: when ``sqrt(dim / r) b1^kappa > 1`` the
+    momentum grows geometrically (to NaN in a long run). `init` refuses
+    such a configuration, naming the leaf.
+  * ``'reset'``: start again from zero.
+
+  Measured on the byte-level LM benchmark
+  (``benchmarks/benchmark_momentum_transfer.py``, docs: "Flora"), see the
+  table there for the choice of default. (The published optax code
+  transfers with the old projection on both sides, which blows the momentum
+  up and decorrelates it from the gradient after each resample; it is
+  deliberately not offered.)
 
   With ``nesterov=True`` the output is the published JAX code's
   ``β1 up(C_t) + (1 - β1) u_t`` instead.
@@ -178,6 +211,8 @@ def scale_by_flora_momentum(
     nesterov: use the Nesterov-like output of the published JAX code.
     momentum_dtype: dtype of the stored momentum (None means float32;
       bfloat16 halves it again); arithmetic is done in float32.
+    momentum_transfer: how the momentum moves into a re-drawn subspace:
+      ``'least_squares'``, ``'paper'`` or ``'reset'`` (see above).
 
   Returns:
     An `optax.GradientTransformation` whose state is `FloraMomentumState`.
@@ -201,10 +236,15 @@ def scale_by_flora_momentum(
       'momentum_dtype', momentum_dtype
   )
   validation.check_key('key', key)
+  validation.check_choice(
+      'momentum_transfer', momentum_transfer, MomentumTransfer
+  )
 
   def init_fn(params):
     params = tree_util.unwrap_variables(params)
     plans = rule.plan(params)
+    if momentum_transfer == 'paper':
+      jax.tree.map(lambda plan: _check_paper_transfer(plan, b1, kappa), plans)
 
     def zeros(plan, leaf):
       validation.check_real_float_leaf(
@@ -217,20 +257,26 @@ def scale_by_flora_momentum(
         count=jnp.zeros([], jnp.int32),
         key=keys.as_prng_key(key),
         momentum=jax.tree.map(zeros, plans, params),
+        settings=settings.record(
+            plans, kappa=kappa, momentum_transfer=momentum_transfer
+        ),
     )
 
   def update_fn(updates, state, params=None):
     validation.check_updates_match_params(updates, params)
     validation.check_same_paths(updates, state.momentum, 'the momentum')
     plans = rule.plan(updates)
+    jax.tree.map(lambda plan, c: validation.check_state_shape(
+        plan, c, 'a momentum'), plans, state.momentum)
+    settings.check(state.settings, plans, kappa=kappa,
+                   momentum_transfer=momentum_transfer)
     index = state.count // kappa
     resampled = (state.count > 0) & (state.count % kappa == 0)
 
     def update_leaf(plan, u, c):
-      validation.check_state_shape(plan, c, 'a momentum')
       out, c_new = _momentum_step(
           plan, u.astype(jnp.float32), c.astype(jnp.float32),
-          b1, nesterov, state.key, index, resampled,
+          b1, nesterov, state.key, index, resampled, momentum_transfer,
       )
       return out.astype(u.dtype), c_new.astype(momentum_dtype)
 
@@ -240,6 +286,7 @@ def scale_by_flora_momentum(
         count=compat.safe_increment(state.count),
         key=state.key,
         momentum=new_momentum,
+        settings=state.settings,
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -254,6 +301,7 @@ def _momentum_step(
     key: jax.Array,
     index: jax.Array,
     resampled: jax.Array,
+    transfer: MomentumTransfer,
 ) -> tuple[jax.Array, jax.Array]:
   """One leaf's (output, new momentum), in float32; see the formulas above."""
   side = plan.side
@@ -264,13 +312,36 @@ def _momentum_step(
 
   q = projectors.random_projector(key, plan, index)
 
-  def transfer(c):
+  def move(c):
+    if transfer == 'reset':
+      return jnp.zeros_like(c)
     q_old = projectors.random_projector(key, plan, index - 1)
-    full = projectors.project_up(q_old, c, side)
-    return projectors.project_down(q, full, side)
+    return projectors.change_basis(
+        q_old, q, c, side, least_squares=transfer == 'least_squares'
+    )
 
-  c = compat.cond(resampled, transfer, lambda c: c, c)
+  c = compat.cond(resampled, move, lambda c: c, c)
   c_new = b1 * c + (1 - b1) * projectors.project_down(q, u, side)
   history = c_new if nesterov else c
   out = b1 * projectors.project_up(q, history, side) + (1 - b1) * u
   return out, c_new
+
+
+def _check_paper_transfer(plan: LeafPlan, b1, kappa) -> None:
+  """Refuses a paper transfer that grows the momentum at every resample."""
+  rank = plan.rank
+  if rank is None or not (validation.is_concrete(b1)
+                          and validation.is_concrete(kappa)):
+    return
+  growth = math.sqrt(plan.dim / rank) * float(b1) ** int(kappa)
+  if growth > 1:
+    shortest = math.ceil(math.log(math.sqrt(rank / plan.dim))
+                         / math.log(float(b1)))
+    raise ValueError(
+        f"momentum_transfer='paper' diverges for leaf {plan.path}: each"
+        f' resample multiplies its momentum norm by about sqrt(dim / r) ='
+        f' sqrt({plan.dim} / {rank}) while kappa={kappa} steps decay it'
+        f' by b1^kappa = {float(b1)}^{kappa}; the product {growth:.3g} > 1'
+        f' grows it geometrically. Use kappa >= {shortest}, or'
+        " momentum_transfer='least_squares' (stable at any kappa)."
+    )

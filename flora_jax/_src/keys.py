@@ -28,7 +28,12 @@ def as_prng_key(key: PRNGKeyLike, name: str = 'key') -> jax.Array:
   if isinstance(key, bool):
     raise TypeError(f'{name} must be an int seed or a PRNG key, got {key!r}.')
   if isinstance(key, numbers.Integral):
-    return jax.random.key(int(key))
+    try:
+      return jax.random.key(int(key))
+    except OverflowError:
+      raise ValueError(
+          f'{name} must be an int seed in [-2**63, 2**63), got {key}.'
+      ) from None
   if isinstance(key, (jax.Array, np.ndarray)):
     key = jnp.asarray(key)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):

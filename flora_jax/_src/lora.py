@@ -6,6 +6,8 @@
   `nnx.LoRAParam` (``lora_a`` ``(in, r)``, ``lora_b`` ``(r, out)``), so
   ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` trains only them.
 * `merge_lora` / `unmerge_lora` fold ``s A B`` into the base weights and back.
+  Whether an adapter is merged, and with which factors, is model state
+  (`LoRAMergeRecord`): it travels with `nnx.state` and checkpoints.
 * `lora_ga_init` (``lora_ga.py``) re-initialises the adapters from the SVD
   of the estimated full gradient.
 * `lora_delta` exports every adapter as a low-rank delta relative to the
@@ -18,6 +20,7 @@ PEFT's ``lora_A (r, in)`` is ``lora_a.T`` here and ``lora_B (out, r)`` is
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -65,6 +68,52 @@ class LoRAInitialFactor(nnx.Variable):
   """A factor's value at LoRA-GA initialisation: kept for export."""
 
 
+class LoRAMergeRecord(nnx.Variable):
+  """What `merge_lora` folded into an adapter's base weight.
+
+  Every adapter holds three: ``merged``, a bool scalar, and ``merged_a`` /
+  ``merged_b``, the factors as they were merged (zeros while unmerged), so
+  that `unmerge_lora` subtracts exactly what was added even if an optimizer
+  moved the factors meanwhile. Being state, not Python attributes, they
+  travel with `nnx.state`, `nnx.split`, `nnx.update` and checkpoints, and
+  are traced under `nnx.jit`. They are not `nnx.Param`: optimizers built
+  with ``wrt=nnx.Param`` or ``wrt=nnx.LoRAParam`` leave them alone.
+  """
+
+  def __bool__(self) -> bool:
+    # `if adapter.merged:` reads the flag (concrete values only), as when it
+    # was a Python bool.
+    return bool(self[...])
+
+
+def _init_merge_record(adapter, a: nnx.Variable, b: nnx.Variable) -> None:
+  adapter.merged = LoRAMergeRecord(jnp.array(False))
+  adapter.merged_a = LoRAMergeRecord(jnp.zeros_like(a[...]))
+  adapter.merged_b = LoRAMergeRecord(jnp.zeros_like(b[...]))
+
+
+def _unless_merged(adapter: Adapter, out: jax.Array,
+                   adapted: Callable[[], jax.Array]) -> jax.Array:
+  """``out`` if ``adapter`` is merged, else ``adapted()``: out + its term."""
+  return _if_merged(adapter, lambda: out, adapted)
+
+
+def _if_merged(adapter: Adapter, merged: Callable[[], Any],
+               unmerged: Callable[[], Any]) -> Any:
+  """``merged()`` or ``unmerged()``, as ``adapter.merged`` says.
+
+  A concrete flag (eager code) branches in Python and computes one side. A
+  traced one (under `nnx.jit`) computes both and selects elementwise: in
+  the forward pass that costs the low-rank term, where `lax.cond` would cut
+  the fused step apart at every adapter, merged or not.
+  """
+  flag = adapter.merged[...]
+  if validation.is_concrete(flag):
+    return merged() if bool(flag) else unmerged()
+  return jax.tree.map(functools.partial(jnp.where, flag), merged(),
+                      unmerged())
+
+
 class ScaledLoRA(nnx.LoRA):
   """`nnx.LoRA` around an `nnx.Linear`, with the LoRA scale ``s``.
 
@@ -73,13 +122,21 @@ class ScaledLoRA(nnx.LoRA):
 
   Attributes:
     scale: ``s`` (a Python float).
-    merged: True after `merge_lora`: the base kernel holds ``s A B`` and the
-      adapter's own term is skipped.
-    initial_a: ``lora_a`` as `lora_ga_init` set it (only after it ran).
-    initial_b: ``lora_b`` as `lora_ga_init` set it (only after it ran).
+    merged: a `LoRAMergeRecord` bool scalar, True after `merge_lora`: the
+      base kernel holds ``s A_m B_m`` and the adapter's own term is skipped
+      (``bool(adapter.merged)`` reads it).
+    merged_a: ``A_m``, ``lora_a`` as it was merged (zeros while unmerged).
+    merged_b: ``B_m``, ``lora_b`` as it was merged (zeros while unmerged).
+    initial_a: ``A0``, only after `lora_ga_init`: with ``initial_b``, the
+      base kernel is ``W0 - s A0 B0``, ``W0`` the original one (rank ``r``,
+      more after repeated calls on trained adapters).
+    initial_b: ``B0``, only after `lora_ga_init`.
   """
 
   base_module: nnx.Linear
+  merged: LoRAMergeRecord
+  merged_a: LoRAMergeRecord
+  merged_b: LoRAMergeRecord
   initial_a: LoRAInitialFactor
   initial_b: LoRAInitialFactor
 
@@ -105,20 +162,22 @@ class ScaledLoRA(nnx.LoRA):
         rngs=rngs,
     )
     self.scale = float(scale)
-    self.merged = False
+    _init_merge_record(self, self.lora_a, self.lora_b)
 
   def __call__(self, x: jax.Array, **kwargs: Any) -> jax.Array:
     out = self.base_module(x, **kwargs)
-    if self.merged:
-      return out
-    x, lora_a, lora_b = self.promote_dtype(
-        (x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype
-    )
-    return out + self.scale * ((x @ lora_a) @ lora_b)
+
+    def adapted():
+      inputs, lora_a, lora_b = self.promote_dtype(
+          (x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype
+      )
+      return out + self.scale * ((inputs @ lora_a) @ lora_b)
+
+    return _unless_merged(self, out, adapted)
 
   def delta(self) -> jax.Array:
     """``s A B`` in float32, the shape of the base kernel."""
-    return self.scale * _f32(self.lora_a) @ _f32(self.lora_b)
+    return scaled_product(self.scale, self.lora_a, self.lora_b)
 
   @property
   def base_weight(self) -> nnx.Variable:
@@ -132,7 +191,12 @@ class ScaledLoRAEmbed(nnx.Module):
   with ``lora_embedding_a`` ``(num_embeddings, r)`` (zeros) and
   ``lora_embedding_b`` ``(r, features)`` (N(0, 1)), PEFT's initialisation
   of embedding adapters. `attend` (tied output heads) includes the adapter.
+  ``merged``, ``merged_a`` and ``merged_b`` are as in `ScaledLoRA`.
   """
+
+  merged: LoRAMergeRecord
+  merged_a: LoRAMergeRecord
+  merged_b: LoRAMergeRecord
 
   def __init__(
       self,
@@ -152,29 +216,34 @@ class ScaledLoRAEmbed(nnx.Module):
                           param_dtype)
     )
     self.scale = float(scale)
-    self.merged = False
+    _init_merge_record(self, self.lora_embedding_a, self.lora_embedding_b)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     out = self.base_module(inputs)
-    if self.merged:
-      return out
-    rows = jnp.take(self.lora_embedding_a[...], inputs, axis=0)
-    return out + self.scale * (rows @ self.lora_embedding_b[...]).astype(
-        out.dtype
-    )
+
+    def adapted():
+      rows = jnp.take(self.lora_embedding_a[...], inputs, axis=0)
+      return out + self.scale * (rows @ self.lora_embedding_b[...]).astype(
+          out.dtype
+      )
+
+    return _unless_merged(self, out, adapted)
 
   def attend(self, query: jax.Array) -> jax.Array:
     out = self.base_module.attend(query)
-    if self.merged:
-      return out
-    low = query @ self.lora_embedding_b[...].T
-    return out + self.scale * (low @ self.lora_embedding_a[...].T).astype(
-        out.dtype
-    )
+
+    def adapted():
+      low = query @ self.lora_embedding_b[...].T
+      return out + self.scale * (low @ self.lora_embedding_a[...].T).astype(
+          out.dtype
+      )
+
+    return _unless_merged(self, out, adapted)
 
   def delta(self) -> jax.Array:
-    return (self.scale * _f32(self.lora_embedding_a)
-            @ _f32(self.lora_embedding_b))
+    """``s A B`` in float32, the shape of the base table."""
+    return scaled_product(self.scale, self.lora_embedding_a,
+                          self.lora_embedding_b)
 
   @property
   def base_weight(self) -> nnx.Variable:
@@ -187,6 +256,11 @@ _ADAPTABLE = (nnx.Linear, nnx.Embed)
 
 def _f32(variable) -> jax.Array:
   return jnp.asarray(variable[...], jnp.float32)
+
+
+def scaled_product(scale: float, a, b) -> jax.Array:
+  """``scale · a @ b`` in float32; ``a``, ``b`` arrays or Variables."""
+  return scale * _f32(a) @ _f32(b)
 
 
 def _target_predicate(targets: TargetSpec) -> Callable[[str, nnx.Module], bool]:
@@ -346,16 +420,26 @@ def adapters_of(model: nnx.Module, what: str):
   return adapters
 
 
+def _plus(variable: nnx.Variable, delta: jax.Array) -> jax.Array:
+  """``variable + delta``, added in float32, in the variable's dtype."""
+  return (_f32(variable) + delta).astype(variable[...].dtype)
+
+
 def add_to(variable: nnx.Variable, delta: jax.Array) -> None:
-  variable[...] = (_f32(variable) + delta).astype(variable[...].dtype)
+  variable[...] = _plus(variable, delta)
 
 
 def merge_lora(model: nnx.Module) -> None:
   """Folds every adapter into its base weight: ``W <- W + s A B`` (in place).
 
   The merged model computes the same function without the adapter term (one
-  matmul per layer). Gradients no longer reach the factors until
-  `unmerge_lora`, which subtracts the same product again.
+  matmul per layer, in eager code; under `nnx.jit` the flag is traced, the
+  low-rank term is computed and discarded). Gradients no longer reach the
+  factors until `unmerge_lora`, but an optimizer may still move them
+  (momentum, weight decay): the factors as merged, ``A_m`` and ``B_m``, are
+  recorded (`LoRAMergeRecord`, ``r (m + n)`` numbers per adapter) and the
+  merged model keeps computing ``W + s A_m B_m``. Adapters already merged
+  are left as they are. Works under `nnx.jit` too.
 
   Args:
     model: a model with adapters (`add_lora`), modified in place.
@@ -371,25 +455,57 @@ def merge_lora(model: nnx.Module) -> None:
     >>> x = jnp.ones((1, 8))
     >>> before = model(x)
     >>> lora.merge_lora(model)
+    >>> bool(model.layers[0].merged)
+    True
     >>> bool(jnp.allclose(model(x), before, atol=1e-5))
     True
   """
   for _, adapter in adapters_of(model, 'merge_lora'):
-    if not adapter.merged:
-      add_to(adapter.base_weight, adapter.delta())
-      adapter.merged = True
+    _merge(adapter)
+
+
+def _merge(adapter: Adapter) -> None:
+  record = (adapter.base_weight, adapter.merged_a, adapter.merged_b)
+  a, b = _factors(adapter)
+  values = _if_merged(
+      adapter,
+      lambda: tuple(v[...] for v in record),  # already merged: unchanged
+      lambda: (_plus(adapter.base_weight, adapter.delta()), a[...], b[...]),
+  )
+  for variable, value in zip(record, values, strict=True):
+    variable[...] = value
+  adapter.merged[...] = jnp.array(True)
 
 
 def unmerge_lora(model: nnx.Module) -> None:
-  """Undoes `merge_lora`: ``W <- W - s A B`` (in place).
+  """Undoes `merge_lora`: ``W <- W - s A_m B_m`` (in place).
+
+  ``A_m``, ``B_m`` are the factors as `merge_lora` recorded them, so the
+  base weights come back to what they were (to float rounding) however the
+  factors changed while merged; the adapters then compute with their
+  current factors. Adapters not merged are left as they are.
 
   Args:
     model: a model with adapters (`add_lora`), modified in place.
   """
   for _, adapter in adapters_of(model, 'unmerge_lora'):
-    if adapter.merged:
-      add_to(adapter.base_weight, -adapter.delta())
-      adapter.merged = False
+    _unmerge(adapter)
+
+
+def _unmerge(adapter: Adapter) -> None:
+  record = (adapter.base_weight, adapter.merged_a, adapter.merged_b)
+
+  def restore():
+    added = scaled_product(adapter.scale, adapter.merged_a, adapter.merged_b)
+    return (_plus(adapter.base_weight, -added),
+            jnp.zeros_like(adapter.merged_a[...]),
+            jnp.zeros_like(adapter.merged_b[...]))
+
+  values = _if_merged(adapter, restore,
+                      lambda: tuple(v[...] for v in record))
+  for variable, value in zip(record, values, strict=True):
+    variable[...] = value
+  adapter.merged[...] = jnp.array(False)
 
 
 # ---------------------------------------------------------------- export
@@ -420,6 +536,14 @@ def _factors(adapter: Adapter) -> tuple[nnx.Variable, nnx.Variable]:
   return adapter.lora_embedding_a, adapter.lora_embedding_b
 
 
+def _computing_factors(adapter: Adapter) -> tuple[jax.Array, jax.Array]:
+  """The factors the adapter's term computes with: as merged, or current."""
+  return _if_merged(
+      adapter, lambda: (adapter.merged_a[...], adapter.merged_b[...]),
+      lambda: tuple(v[...] for v in _factors(adapter)),
+  )
+
+
 def lora_delta(model: nnx.Module) -> dict[str, LoRADelta]:
   """Every adapter as a delta relative to the ORIGINAL base weights.
 
@@ -428,7 +552,10 @@ def lora_delta(model: nnx.Module) -> dict[str, LoRADelta]:
   ``W0 + s (A B - A0 B0)``: its delta is returned at rank ``2r`` as
   ``a = [A, -A0]``, ``b = [B; B0]``, which applies to the untouched
   ``W0`` (`apply_lora_delta`), e.g. a base model loaded from its original
-  checkpoint. Merged or not makes no difference.
+  checkpoint (``A0`` is wider than ``r`` after repeated `lora_ga_init` on
+  trained adapters). A merged adapter exports the factors it was merged
+  with, ``A_m`` and ``B_m``: the delta is always that of the function the
+  model computes, merged or not.
 
   Args:
     model: a model with adapters (`add_lora`).
@@ -452,7 +579,7 @@ def lora_delta(model: nnx.Module) -> dict[str, LoRADelta]:
   """
   deltas = {}
   for path, adapter in adapters_of(model, 'lora_delta'):
-    a, b = (v[...] for v in _factors(adapter))
+    a, b = _computing_factors(adapter)
     if isinstance(adapter, ScaledLoRA) and hasattr(adapter, 'initial_a'):
       a = jnp.concatenate([a, -adapter.initial_a[...]], axis=1)
       b = jnp.concatenate([b, adapter.initial_b[...]], axis=0)

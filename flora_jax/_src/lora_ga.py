@@ -25,7 +25,7 @@ from flora_jax._src import validation
 from flora_jax._src.lora import LoRAInitialFactor
 from flora_jax._src.lora import ScaledLoRA
 from flora_jax._src.lora import adapters_of
-from flora_jax._src.lora import add_to
+from flora_jax._src.lora import scaled_product
 
 Direction = Literal['ArB2r', 'A2rBr', 'ArBr', 'random']
 FactorScale = Literal['stable', 'unit']
@@ -56,8 +56,23 @@ def lora_ga_init(
      vectors r+1..2r). Singular values are not used.
   3. ``factor_scale='stable'``: ``c = d_out^{1/4} / sqrt(γ)`` on both
      factors, ``d_out = kernel.shape[1]``, ``γ = stable_gamma`` (16).
-  4. ``W <- W - s A B``, so the model's output is unchanged, and the
-     initial factors are kept (`LoRAInitialFactor`) for `lora_delta`.
+  4. ``W <- W + s A_old B_old - s A B``, so the model's output is
+     unchanged (``A_old B_old``, the adapter's term before the call, is
+     zero for a new adapter: ``W <- W - s A B``), and the initial factors
+     are kept (`LoRAInitialFactor`) for `lora_delta`.
+
+  Everything is computed before anything is written: if a batch's gradient
+  is NaN or infinite, or the factors would be, the call raises and the
+  model is left bitwise as it was.
+
+  Called again, or on trained adapters, the output is still unchanged and
+  `lora_delta` still exports relative to the ORIGINAL weights ``W0``: with
+  ``W0 = W + s P0`` before the call (``P0 = A0 B0``, or zero), the
+  kept product becomes ``P0 - A_old B_old + A B``. Its factors are the
+  concatenated ones, terms that are exactly zero left out: a new adapter's
+  (``B = 0``), and ``P0 - A_old B_old`` when the adapter is as the last
+  call left it. So the first call and calls in a row keep rank ``r``; a
+  call after training adds ``2r``.
 
   Then one SGD step of learning rate ``η`` on the factors changes the
   effective weight by ``-η s² c² G_2r + O(η²)``, ``G_2r`` the best rank-2r
@@ -90,7 +105,10 @@ def lora_ga_init(
 
   Raises:
     ValueError: no linear adapter, ``2r`` larger than a layer's smaller
-      dimension, or ``batches`` yields nothing.
+      dimension, merged adapters (`unmerge_lora` first), ``batches``
+      yields nothing, or a gradient (the first bad batch and its adapters
+      are named) or a new factor or base weight is NaN or infinite. The
+      model is then unchanged.
 
   Example:
     >>> import jax.numpy as jnp
@@ -116,16 +134,21 @@ def lora_ga_init(
   validation.check_positive_number('stable_gamma', stable_gamma)
   validation.check_key('key', key)
   adapters = _linear_adapters(model)
-  gradients = _mean_kernel_gradients(model, loss_fn, batches, adapters)
+  gradients, rest = _mean_kernel_gradients(model, loss_fn, batches, adapters)
   key = keys.as_prng_key(key)
-  spectra = {}
+  plans, spectra = {}, {}
   for index, (path, adapter) in enumerate(adapters):
-    grad = gradients[path + _KERNEL]
+    grad = gradients.pop(path + _KERNEL)  # freed once used
     c = _factor_scale(factor_scale, grad.shape[1], stable_gamma)
-    spectrum = _initialise(
+    name = tree_util.path_string(path)
+    plans[name], spectra[name] = _plan(
         adapter, grad, direction, c, jax.random.fold_in(key, index)
     )
-    spectra[tree_util.path_string(path)] = spectrum
+  _check_finite_plans(plans)
+  # Nothing was written so far: a call that raised left the model as it was.
+  nnx.update(model, rest)  # RNG streams etc. as the loss advanced them
+  for path, adapter in adapters:
+    _write(adapter, plans[tree_util.path_string(path)])
   return spectra
 
 
@@ -145,8 +168,14 @@ def _linear_adapters(model: nnx.Module) -> list[tuple[Any, ScaledLoRA]]:
           f' {adapter.base_weight.shape} cannot supply 2r = {2 * rank}'
           ' singular vectors; lower the rank.'
       )
-  if any(a.merged for _, a in adapters):
-    raise ValueError('lora_ga_init: unmerge the adapters first.')
+  merged = [tree_util.path_string(p) for p, a in adapters if a.merged]
+  if merged:
+    # The gradient would miss the adapters' own term, and a new offset of
+    # a merged kernel would be lost at unmerge_lora.
+    raise ValueError(
+        f'lora_ga_init: the adapters {", ".join(merged)} are merged; call'
+        ' unmerge_lora first.'
+    )
   return adapters
 
 
@@ -160,20 +189,24 @@ class _KernelsOf(NamedTuple):
 
 
 def _mean_kernel_gradients(model, loss_fn, batches, adapters):
-  """``{kernel path: mean gradient}`` over ``batches``, streamed."""
+  """``{kernel path: mean gradient}`` over ``batches``, streamed, and the
+  model's other state as the loss left it. Raises if a gradient is not
+  finite; the model is not written."""
   is_target = _KernelsOf(frozenset(path + _KERNEL for path, _ in adapters))
   graphdef, targets, rest = nnx.split(model, is_target, ...)
   total = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), targets)
-  count = 0
+  finite = []  # per batch, one flag per kernel: read once, at the end
   for batch in batches:
-    total, rest = _accumulate_gradient(
+    total, rest, batch_finite = _accumulate_gradient(
         total, targets, rest, batch, graphdef, is_target, loss_fn
     )
-    count += 1
-  if count == 0:
+    finite.append(batch_finite)
+  if not finite:
     raise ValueError('lora_ga_init: batches yielded no batch.')
-  nnx.update(model, rest)  # RNG streams etc. as the loss advanced them
-  return {path: v[...] / count for path, v in nnx.to_flat_state(total)}
+  flat = nnx.to_flat_state(total)
+  _check_finite_batches(np.asarray(jnp.stack(finite)),
+                        [path[: -len(_KERNEL)] for path, _ in flat])
+  return {path: v[...] / len(finite) for path, v in flat}, rest
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnums=(4, 5, 6))
@@ -181,18 +214,43 @@ def _accumulate_gradient(total, targets, rest, batch, graphdef, is_target,
                          loss_fn):
   """``total + ∂loss/∂targets``; ``total`` is donated: one buffer per weight.
 
-  Only ``targets`` are differentiated. Returns the new total and ``rest``
-  as the loss left it (advanced RNG streams, batch statistics).
+  Only ``targets`` are differentiated. Returns the new total, ``rest``
+  as the loss left it (advanced RNG streams, batch statistics) and whether
+  each target's gradient is finite, in `nnx.to_flat_state` order.
   """
 
   def loss_of(targets):
-    model = nnx.merge(graphdef, targets, rest)
+    # New Variables, made in this trace: the loss may advance RNG counts
+    # (dropout), which NNX refuses on Variables made outside it.
+    model = nnx.merge(graphdef, targets, rest, copy=True)
     loss = loss_fn(model, batch)
     return loss, nnx.split(model, is_target, ...)[2]
 
   grads, rest = jax.grad(loss_of, has_aux=True)(targets)
   total = jax.tree.map(lambda t, g: t + g.astype(t.dtype), total, grads)
-  return total, rest
+  finite = jnp.stack([
+      jnp.all(jnp.isfinite(g[...])) for _, g in nnx.to_flat_state(grads)
+  ])
+  return total, rest, finite
+
+
+def _check_finite_batches(finite: np.ndarray, paths) -> None:
+  """Raises naming the first batch whose gradient is not finite.
+
+  Args:
+    finite: ``(batches, kernels)`` bools.
+    paths: the adapters' paths, one per kernel.
+  """
+  bad = np.flatnonzero(~finite.all(axis=1))
+  if bad.size:
+    where = [tree_util.path_string(p)
+             for p, ok in zip(paths, finite[bad[0]], strict=True) if not ok]
+    raise ValueError(
+        f'lora_ga_init: the gradient of batch {bad[0]} (counting from 0;'
+        f' {bad.size} of {len(finite)} batches are bad) is NaN or infinite'
+        f' at the adapters {", ".join(where)}: check the loss on that'
+        ' batch. The model was left unchanged.'
+    )
 
 
 def _factor_scale(factor_scale, d_out: int, stable_gamma: float) -> float:
@@ -203,17 +261,92 @@ def _factor_scale(factor_scale, d_out: int, stable_gamma: float) -> float:
   return float(factor_scale)
 
 
-def _initialise(adapter: ScaledLoRA, grad, direction, c, key) -> jax.Array:
-  """Sets one adapter from ``grad``; returns the first 2r singular values."""
+class _Plan(NamedTuple):
+  """One adapter's new values, all computed before any is written.
+
+  The new kernel is not kept (all of them would double the adapted
+  weights in memory), only whether it is finite: `_write` computes it
+  again.
+  """
+
+  lora_a: jax.Array
+  lora_b: jax.Array
+  initial_a: jax.Array
+  initial_b: jax.Array
+  finite: jax.Array  # a bool scalar: all of it, the new kernel too
+
+
+def _plan(adapter: ScaledLoRA, grad, direction, c, key):
+  """One adapter's `_Plan` from ``grad``, and the first 2r singular values."""
   u, s, vt = jnp.linalg.svd(grad, full_matrices=False)
   rank = adapter.lora_a.shape[1]
   a_idx, b_idx = _singular_indices(direction, rank, key)
-  adapter.lora_a[...] = (c * u[:, a_idx]).astype(adapter.lora_a[...].dtype)
-  adapter.lora_b[...] = (c * vt[b_idx, :]).astype(adapter.lora_b[...].dtype)
-  add_to(adapter.base_weight, -adapter.delta())
-  adapter.initial_a = LoRAInitialFactor(adapter.lora_a[...])
-  adapter.initial_b = LoRAInitialFactor(adapter.lora_b[...])
-  return s[: 2 * rank]
+  a = (c * u[:, a_idx]).astype(adapter.lora_a[...].dtype)
+  b = (c * vt[b_idx, :]).astype(adapter.lora_b[...].dtype)
+  initial_a, initial_b = _initial_factors(adapter, a, b)
+  finite = jnp.all(jnp.stack([
+      jnp.all(jnp.isfinite(x))
+      for x in (a, b, initial_a, initial_b, _new_kernel(adapter, a, b))
+  ]))
+  return _Plan(a, b, initial_a, initial_b, finite), s[: 2 * rank]
+
+
+def _new_kernel(adapter: ScaledLoRA, a, b) -> jax.Array:
+  """``W + s A_old B_old - s A B``: the same function with the new factors.
+
+  The adapter's current term (zero for a new adapter) goes into the base,
+  the new one comes out of it.
+  """
+  weight = adapter.base_weight[...]
+  kernel = (jnp.asarray(weight, jnp.float32) + adapter.delta()
+            - scaled_product(adapter.scale, a, b))
+  return kernel.astype(weight.dtype)
+
+
+def _initial_factors(adapter: ScaledLoRA, a, b):
+  """Factors of ``P0 - A_old B_old + A B``, exactly zero terms left out.
+
+  ``W0 = W + s P0`` before the call and ``W0 = W' + s P0'`` after it
+  (`_plan`), so ``P0' = P0 - A_old B_old + A B``.
+  """
+  old_a, old_b = adapter.lora_a[...], adapter.lora_b[...]
+  if hasattr(adapter, 'initial_a'):
+    a0, b0 = adapter.initial_a[...], adapter.initial_b[...]
+    rank = old_a.shape[1]
+    if (jnp.array_equal(a0[:, -rank:], old_a)
+        and jnp.array_equal(b0[-rank:], old_b)):
+      # As the last call left it: its A B cancels the adapter's term.
+      terms = [(a0[:, :-rank], b0[:-rank])]
+    else:
+      terms = [(a0, b0), (-old_a, old_b)]
+  elif jnp.any(old_a) and jnp.any(old_b):
+    terms = [(-old_a, old_b)]  # a trained (or custom-initialised) adapter
+  else:
+    terms = []  # a new adapter: B = 0
+  terms.append((a, b))
+  return (jnp.concatenate([t[0] for t in terms], axis=1),
+          jnp.concatenate([t[1] for t in terms], axis=0))
+
+
+def _check_finite_plans(plans: dict[str, _Plan]) -> None:
+  """Raises naming the adapters whose new values are not all finite."""
+  finite = np.asarray(jnp.stack([plan.finite for plan in plans.values()]))
+  bad = [name for name, ok in zip(plans, finite, strict=True) if not ok]
+  if bad:
+    raise ValueError(
+        f'lora_ga_init: the new factors or base weights of the adapters'
+        f' {", ".join(bad)} are NaN or infinite (the averaged gradient'
+        ' overflowed, or the weights were not finite). The model was left'
+        ' unchanged.'
+    )
+
+
+def _write(adapter: ScaledLoRA, plan: _Plan) -> None:
+  adapter.base_weight[...] = _new_kernel(adapter, plan.lora_a, plan.lora_b)
+  adapter.lora_a[...] = plan.lora_a  # after: the kernel reads the old ones
+  adapter.lora_b[...] = plan.lora_b
+  adapter.initial_a = LoRAInitialFactor(plan.initial_a)
+  adapter.initial_b = LoRAInitialFactor(plan.initial_b)
 
 
 def _singular_indices(direction: str, rank: int, key) -> tuple[Any, Any]:

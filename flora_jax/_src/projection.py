@@ -138,9 +138,15 @@ class ProjectionRule:
   mask: dataclasses.InitVar[MaskOrFn] = None
 
   def __post_init__(self, mask: MaskOrFn):
-    validation.check_positive_int('rank', self.rank)
+    # Stored as Python ints: plans are static, decided at trace time.
+    object.__setattr__(
+        self, 'rank', validation.check_positive_int('rank', self.rank)
+    )
     validation.check_choice('side', self.side, Side)
-    validation.check_non_negative_int('min_dim', self.min_dim)
+    object.__setattr__(
+        self, 'min_dim',
+        validation.check_non_negative_int('min_dim', self.min_dim),
+    )
     validation.check_at_least(
         'max_aspect_ratio', self.max_aspect_ratio, 1.0, optional=True
     )

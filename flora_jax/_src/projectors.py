@@ -164,19 +164,40 @@ def project_up(q: jax.Array, c: jax.Array, side: str) -> jax.Array:
 
 
 def change_basis(
-    q_old: jax.Array, q_new: jax.Array, c: jax.Array, side: str
+    q_old: jax.Array,
+    q_new: jax.Array,
+    c: jax.Array,
+    side: str,
+    *,
+    least_squares: bool = False,
 ) -> jax.Array:
-  """``down_new(up_old(C))`` through an ``r x r`` matrix, never a full one.
+  r"""Moves ``C`` from the subspace of ``q_old`` into that of ``q_new``.
 
-  Moves a low-rank quantity (a momentum, say) from the subspace of ``q_old``
-  into that of ``q_new``: ``(Q_newᵀ Q_old) C`` for side 'left',
-  ``C (Q_oldᵀ Q_new)`` for side 'right'.
+  Through ``r x r`` matrices only, never a full-size one. With
+  ``O = Q_newᵀ Q_old``, side 'left':
+
+  .. math::
+
+    \text{least\_squares=False:}\quad C' = O C
+      = \mathrm{down}_{new}(\mathrm{up}_{old}(C)); \qquad
+    \text{least\_squares=True:}\quad C' = (Q_{new}^\top Q_{new})^{-1} O C
+      = \arg\min_X \lVert \mathrm{up}_{new}(X)
+        - \mathrm{up}_{old}(C) \rVert_F
+
+  (side 'right': ``C Oᵀ`` and ``C Oᵀ (Q_newᵀ Q_new)⁻¹``). The two agree
+  for orthonormal ``q_new`` (GaLore's projectors). For Gaussian ones
+  (Flora's) they differ: ``up_new`` of the least-squares ``C'`` is the
+  orthogonal projection of ``up_old(C)`` onto the new subspace, so its norm
+  never grows, while ``down_new(up_old(C))`` grows the norm by about
+  ``sqrt(dim / r)`` per change.
 
   Args:
     q_old: the projector ``c`` was taken with, ``(..., dim, r)``.
     q_new: the projector to move into, same shape.
     c: the low-rank matrix, as `project_down` returns it.
     side: ``'left'`` or ``'right'``.
+    least_squares: solve for the best fit in the new subspace instead of
+      applying ``down_new`` to ``up_old(C)``.
 
   Returns:
     ``c`` in the new basis, same shape, in ``q_new.dtype``.
@@ -193,18 +214,34 @@ def change_basis(
     >>> bool(jnp.allclose(projections.change_basis(q0, q1, c, 'left'),
     ...                   through_full, atol=1e-5))
     True
+    >>> moved = projections.change_basis(
+    ...     q0, q1, c, 'left', least_squares=True)
+    >>> def norm(q, c):
+    ...   return jnp.linalg.norm(projections.project_up(q, c, 'left'))
+    >>> bool(norm(q1, moved) <= norm(q0, c))
+    True
   """
   _check_side(side)
-  new_spec, old_spec = _spec(q_new), _spec(q_old)
-  overlap = jnp.einsum(
-      '...dr,...ds->...rs', q_new, q_old.astype(q_new.dtype),
-      out_sharding=_reduced_sharding((new_spec[-2], old_spec[-2]),
-                                     new_spec[:-2] + (None, None)),
-  )
+  validation.check_bool('least_squares', least_squares)
+  transition = _gram(q_new, q_old)
+  if least_squares:
+    # G⁻¹ O with G = Q_newᵀ Q_new: r x r, so C keeps its sharding.
+    transition = jnp.linalg.solve(_gram(q_new, q_new), transition)
   c = c.astype(q_new.dtype)
   if side == 'left':
-    return jnp.einsum('...rs,...sn->...rn', overlap, c)
-  return jnp.einsum('...ms,...rs->...mr', c, overlap)
+    return jnp.einsum('...rs,...sn->...rn', transition, c)
+  # C Oᵀ G⁻¹ = C (G⁻¹ O)ᵀ, G being symmetric.
+  return jnp.einsum('...ms,...rs->...mr', c, transition)
+
+
+def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``aᵀ b`` over the full-size axis, ``(..., r, r)``, replicated."""
+  a_spec, b_spec = _spec(a), _spec(b)
+  return jnp.einsum(
+      '...dr,...ds->...rs', a, b.astype(a.dtype),
+      out_sharding=_reduced_sharding((a_spec[-2], b_spec[-2]),
+                                     a_spec[:-2] + (None, None)),
+  )
 
 
 def random_projector(

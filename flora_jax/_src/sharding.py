@@ -37,10 +37,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from flora_jax._src import tree_util
 
 
-def _path_parts(key_path) -> tuple[str, ...]:
-  return tuple(tree_util.path_string((entry,)) for entry in key_path)
-
-
 def _mesh_axis_size(mesh, names) -> int:
   if names is None:
     return 1
@@ -225,18 +221,18 @@ def state_shardings(
       jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
       strict=True,
   ):
-    param_entries[_path_parts(key_path)] = (tuple(leaf.shape), tuple(spec))
-  longest_first = sorted(param_entries, key=len, reverse=True)
+    param_entries[tree_util.path_parts(key_path)] = (
+        tuple(leaf.shape), tuple(spec)
+    )
+  parameter_of = tree_util.parameter_matcher(param_entries)
 
   def sharding_of(key_path, leaf):
-    parts = _path_parts(key_path)
     shape = tuple(np.shape(leaf))
     spec = ()
-    for param_path in longest_first:
-      if param_path and parts[-len(param_path):] == param_path:
-        param_shape, param_spec = param_entries[param_path]
-        spec = _state_spec(shape, param_shape, param_spec)
-        break
+    param_path = parameter_of(key_path)
+    if param_path is not None:
+      param_shape, param_spec = param_entries[param_path]
+      spec = _state_spec(shape, param_shape, param_spec)
     return NamedSharding(resolved_mesh, _fit(spec, shape, resolved_mesh))
 
   return jax.tree.map_with_path(sharding_of, abstract_state)

@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from flora_jax._src import compat
 from flora_jax._src import deprecation
 from flora_jax._src import keys
 from flora_jax._src import projectors
+from flora_jax._src import settings
 from flora_jax._src import tree_util
 from flora_jax._src import validation
 from flora_jax._src.fira import FiraResidual
@@ -61,6 +64,9 @@ class GaLoreState(NamedTuple):
   # residual of each stacked slice, f32[...], +inf before the first step.
   # optax.MaskedNode() otherwise.
   residual_norms: optax.Params
+  # {'update_proj_gap=... projector=... plans=...': int8[]}: what the state
+  # was made for; `update` refuses a state made for other settings.
+  settings: dict[str, jax.Array]
 
 
 @deprecation.flat_projection_arguments
@@ -97,6 +103,13 @@ def scale_by_galore(
   projector; a slice that never had one is refitted at the next step. Leaves
   that are not projected go through ``inner`` at full size, unscaled.
 
+  A leaf the rule selects is projected only if that shrinks its state: the
+  stored projector (and Fira's norms) plus ``inner``'s state of the
+  low-rank shape must not exceed ``inner``'s state of the full shape
+  (measured with `jax.eval_shape` of ``inner.init``). A rank close to the
+  matrix size, or an ``inner`` without per-leaf state such as `optax.sgd`,
+  then leaves the leaf exact.
+
   ``inner`` sees low-rank projections, which have no parameter values: its
   ``params`` are the low-rank shapes as `jax.ShapeDtypeStruct`, enough for
   optimizers that read only shapes (`optax.scale_by_factored_rms`). One that
@@ -121,8 +134,11 @@ def scale_by_galore(
       and never stored).
     key: an int seed, a typed key or a raw uint32 key.
     transfer_moments: at each refresh move the first moment of ``inner``
-      (state fields named ``mu`` or ``trace``) into the new subspace,
-      ``m <- down_new(up_old(m))``. Off by default, as in GaLore.
+      (state fields named ``mu`` or ``trace``) into the new subspace: the
+      least-squares fit of ``up_old(m)`` there, which for orthonormal
+      projectors is ``down_new(up_old(m))`` and for ``'random'`` ones never
+      grows the moment's norm (see `flora_jax.projections.change_basis`).
+      Off by default, as in GaLore.
     canonical_signs: flip each singular vector so that its largest entry is
       positive, making results identical across backends. False reproduces
       `optax.contrib.galore` exactly.
@@ -151,6 +167,7 @@ def scale_by_galore(
       'update_proj_gap', update_proj_gap
   )
   validation.check_key('key', key)
+  validation.check_finite_at_least('scale', scale, 0.0)
   validation.check_bool('transfer_moments', transfer_moments)
   validation.check_instance(
       'residual', residual, (FiraResidual, type(None)),
@@ -160,8 +177,21 @@ def scale_by_galore(
       projector, canonical_signs, power_iterations, oversampling
   )
 
+  def plan(tree):
+    tree = tree_util.unwrap_variables(tree)
+    return _unproject_where_state_grows(
+        rule.plan(tree), tree, inner, source, residual
+    )
+
+  def recorded_settings(plans):
+    return dict(plans=plans, update_proj_gap=update_proj_gap,
+                projector=projector)
+
   def init_fn(params):
-    return _initial_state(inner, rule, source, residual, key, params)
+    params = tree_util.unwrap_variables(params)
+    plans = plan(params)
+    return _initial_state(inner, plans, source, residual, key, params,
+                          settings.record(**recorded_settings(plans)))
 
   def update_fn(updates, state, params=None):
     validation.check_updates_match_params(updates, params)
@@ -170,7 +200,11 @@ def scale_by_galore(
         jax.tree.map(lambda _: 0, state.projectors, is_leaf=_is_masked_node),
         'the projectors',
     )
-    plans = rule.plan(updates)
+    # The parameters' dtypes decided at init what is projected; gradients
+    # normally share them, but may be cast.
+    plans = plan(updates if params is None else params)
+    _check_inner_state_shapes(inner, plans, state.inner_state)
+    settings.check(state.settings, **recorded_settings(plans))
     stored, current, inner_state = source.advance(
         plans, updates, state, update_proj_gap, transfer_moments
     )
@@ -190,6 +224,7 @@ def scale_by_galore(
         projectors=stored,
         inner_state=inner_state,
         residual_norms=residual_norms,
+        settings=state.settings,
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -262,14 +297,9 @@ def scale_by_fira(
   )
 
 
-def _initial_state(inner, rule, source, residual, key, params) -> GaLoreState:
-  params = tree_util.unwrap_variables(params)
-  plans = rule.plan(params)
-  low_rank = jax.tree.map(
-      lambda plan, p: jnp.zeros(plan.low_rank_shape, jnp.float32)
-      if plan.projected else p,
-      plans, params,
-  )
+def _initial_state(inner, plans, source, residual, key, params,
+                   recorded) -> GaLoreState:
+  low_rank = _low_rank_params(plans, params)
   inner_state = inner.init(low_rank)
   _check_inner_runs_on_shapes(inner, low_rank, inner_state)
   return GaLoreState(
@@ -280,7 +310,72 @@ def _initial_state(inner, rule, source, residual, key, params) -> GaLoreState:
       residual_norms=jax.tree.map(
           residual.initial_norm if residual else _masked_node, plans
       ),
+      settings=recorded,
   )
+
+
+def _low_rank_params(plans, params):
+  """What ``inner`` is initialised on: f32 zeros of each low-rank shape."""
+  return jax.tree.map(
+      lambda plan, p: jnp.zeros(plan.low_rank_shape, jnp.float32)
+      if plan.projected else p,
+      plans, params,
+  )
+
+
+def _unproject_where_state_grows(plans, tree, inner, source, residual):
+  """Leaves exact every leaf whose state projecting would not shrink.
+
+  A function of the shapes and dtypes of ``tree`` (the parameters), so
+  `init` and `update` agree. A projected leaf's inner state is float32 (the
+  low-rank arithmetic is), an unprojected one's follows the parameter.
+  """
+  if not any(plan.projected for plan in jax.tree.leaves(plans)):
+    return plans
+  full = jax.tree.map(
+      lambda plan, x: jax.ShapeDtypeStruct(plan.shape, jnp.result_type(x)),
+      plans, tree,
+  )
+  low = jax.tree.map(
+      lambda plan: jax.ShapeDtypeStruct(plan.low_rank_shape, jnp.float32),
+      plans,
+  )
+  full_bytes, low_bytes = (
+      tree_util.bytes_per_parameter(jax.eval_shape(inner.init, shapes), full)
+      for shapes in (full, low)
+  )
+
+  def keep(key_path, plan):
+    if not plan.projected:
+      return plan
+    extra = 4 * math.prod(plan.batch_shape) if residual else 0
+    if source.stores_projectors:
+      extra += 4 * math.prod(plan.projector_shape)
+    path = tree_util.path_parts(key_path)
+    if low_bytes[path] + extra <= full_bytes[path]:
+      return plan
+    return LeafPlan(plan.path, plan.shape)
+
+  return jax.tree.map_with_path(keep, plans)
+
+
+def _check_inner_state_shapes(inner, plans, inner_state) -> None:
+  """Names the leaf whose update does not fit the state made at init."""
+  expected = jax.eval_shape(inner.init, jax.tree.map(
+      lambda plan: jax.ShapeDtypeStruct(plan.low_rank_shape, jnp.float32),
+      plans))
+  found = jax.tree.leaves_with_path(inner_state)
+  wanted = jax.tree.leaves(expected)
+  if len(found) != len(wanted):
+    return  # A structural difference: `settings.check` explains it.
+  for (key_path, leaf), want in zip(found, wanted, strict=True):
+    if np.shape(leaf) != want.shape:
+      raise ValueError(
+          f'The inner optimizer state at {jax.tree_util.keystr(key_path)}'
+          f' has shape {np.shape(leaf)}, but the updates need'
+          f' {want.shape}: the updates do not match the parameters the'
+          ' optimizer was initialised with (a transposed or resized leaf?).'
+      )
 
 
 def _masked_node(_: Any) -> optax.MaskedNode:
@@ -347,6 +442,7 @@ class _FittedProjectors:
   """'svd' and 'randomized': refitted to the gradient, stored in the state."""
 
   fit: Callable[[LeafPlan, jax.Array, jax.Array], jax.Array]  # (plan, g, key)
+  stores_projectors = True
 
   def initial(self, plan: LeafPlan):
     if plan.projected:
@@ -390,6 +486,8 @@ class _FittedProjectors:
 @dataclasses.dataclass(frozen=True)
 class _RegeneratedProjectors:
   """'random': Flora's Gaussian projection, regenerated from the key."""
+
+  stores_projectors = False
 
   def initial(self, plan: LeafPlan):
     del plan
@@ -464,7 +562,12 @@ def _transfer_first_moments(inner_state, plans, old_projectors, new_projectors):
   def move(plan, moment, q_old, q_new):
     if not plan.projected:
       return moment
-    moved = projectors.change_basis(q_old, q_new, moment, plan.side)
+    # Least squares: for orthonormal (fitted) projectors the same as
+    # down_new(up_old(m)); for Gaussian ones ('random') the only stable
+    # choice, see `change_basis`.
+    moved = projectors.change_basis(
+        q_old, q_new, moment, plan.side, least_squares=True
+    )
     return moved.astype(moment.dtype)
 
   def visit(node):

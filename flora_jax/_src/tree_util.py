@@ -8,10 +8,11 @@ without importing flax here.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import optax
+import numpy as np
 
 
 def is_variable(x: Any) -> bool:
@@ -32,23 +33,6 @@ def unwrap_variables(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: x.get_value() if is_variable(x) else x, tree,
       is_leaf=is_variable,
-  )
-
-
-def init_on_arrays(
-    tx: optax.GradientTransformation,
-) -> optax.GradientTransformation:
-  """``tx`` with NNX Variables unwrapped before its ``init``.
-
-  optax initialisers build states with ``jax.tree.map`` over the parameters,
-  which keeps each Variable, sharding metadata included, around the state
-  leaf made from it. That suits a moment of the parameter's shape but not a
-  factored statistic of another shape (`optax.scale_by_factored_rms`):
-  `nnx.Optimizer` then reshards its ``(m,)`` vector with the parameter's 2-D
-  spec and fails. The state's shardings come from `state_shardings` instead.
-  """
-  return optax.GradientTransformation(
-      lambda params: tx.init(unwrap_variables(params)), tx.update
   )
 
 
@@ -75,3 +59,48 @@ def unzip_leaves(like: Any, tree_of_tuples: Any, n: int) -> tuple[Any, ...]:
       jax.tree.map(lambda _, t, i=i: t[i], like, tree_of_tuples)
       for i in range(n)
   )
+
+
+def path_parts(key_path: Any) -> tuple[str, ...]:
+  """A key path as a tuple of strings, one per entry."""
+  return tuple(path_string((entry,)) for entry in key_path)
+
+
+def parameter_matcher(
+    param_paths: Any,
+) -> Callable[[Any], tuple[str, ...] | None]:
+  """Maps a state leaf's key path to the path of its parameter, or None.
+
+  Every state of this library and of optax stores per-parameter trees under
+  the parameter's own path, so the longest parameter path that ends a state
+  leaf's path is its parameter.
+
+  Args:
+    param_paths: the parameters' key paths (`path_parts` tuples).
+  """
+  longest_first = sorted(set(param_paths), key=len, reverse=True)
+
+  def parameter_of(key_path):
+    parts = path_parts(key_path)
+    for param_path in longest_first:
+      if param_path and parts[-len(param_path):] == param_path:
+        return param_path
+    return None
+
+  return parameter_of
+
+
+def bytes_per_parameter(state: Any, params: Any) -> dict[tuple[str, ...], int]:
+  """Bytes of ``state`` attributed to each parameter of ``params``.
+
+  Leaves shared by all parameters (counters, keys) are not counted.
+  """
+  param_paths = [path_parts(p) for p, _ in jax.tree.leaves_with_path(params)]
+  parameter_of = parameter_matcher(param_paths)
+  totals = dict.fromkeys(param_paths, 0)
+  for key_path, leaf in jax.tree.leaves_with_path(state):
+    owner = parameter_of(key_path)
+    if owner is not None:
+      totals[owner] += int(np.prod(np.shape(leaf))) * np.dtype(
+          leaf.dtype).itemsize
+  return totals

@@ -8,6 +8,8 @@ offending argument (or parameter path) and what was expected.
 
 from __future__ import annotations
 
+import math
+
 import numbers
 import typing
 from typing import Any, TypeGuard
@@ -72,6 +74,9 @@ def check_positive_int(name: str, value: Any) -> int:
 
 def check_non_negative_int(name: str, value: Any) -> int:
   """Returns a static non-negative int, or raises naming `name`."""
+  if (isinstance(value, (jax.Array, np.ndarray)) and is_concrete(value)
+      and value.shape == () and np.issubdtype(value.dtype, np.integer)):
+    value = int(value)
   if not _is_python_int(value) or value < 0:
     raise ValueError(
         f'{name} must be a non-negative int{_STATIC_HINT}, got {value!r}.'
@@ -128,6 +133,42 @@ def check_in_range(
     raise ValueError(
         f'{name} must lie in [{low}, {high}{bracket}, got {value}.'
     )
+
+
+def check_learning_rate(name: str, value: Any) -> None:
+  """Checks a learning rate: a finite number >= 0, a scalar array or a
+  schedule (a callable). Traced arrays (`optax.inject_hyperparams`) pass."""
+  if callable(value) or not is_concrete(value):
+    return
+  if _real_scalar(value) is None:
+    raise TypeError(
+        f'{name} must be a number, a scalar array or a schedule (a callable'
+        f' of the step count), got {value!r}.'
+    )
+  check_finite_at_least(name, value, 0.0)
+
+
+def check_finite_at_least(name: str, value: Any, low: float) -> None:
+  """Checks a concrete real scalar is finite and >= ``low``."""
+  if value is None or not is_concrete(value):
+    return
+  scalar = _real_scalar(value)
+  if scalar is None:
+    raise TypeError(f'{name} must be a real number, got {value!r}.')
+  if not (math.isfinite(scalar) and scalar >= low):
+    raise ValueError(f'{name} must be finite and >= {low}, got {value!r}.')
+
+
+def _real_scalar(value: Any) -> float | None:
+  """``value`` as a float if it is a real number or real scalar array."""
+  if _is_real(value):
+    return float(value)
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)) and (
+      np.shape(value) == ()
+      and (np.issubdtype(value.dtype, np.floating)
+           or np.issubdtype(value.dtype, np.integer))):
+    return float(value)
+  return None
 
 
 def check_choice(name: str, value: Any, choices: Any) -> Any:
@@ -202,6 +243,8 @@ def check_real_float_leaf(path: str, leaf: Any, needs: str, fix: str) -> None:
     fix: how to leave the leaf out.
   """
   dtype = getattr(leaf, 'dtype', None)
+  if dtype is None and isinstance(leaf, float):
+    return  # a Python float: an array of the default float dtype
   if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
     raise TypeError(
         f'Parameter {path} has dtype {dtype}, but {needs} needs a real'
@@ -212,12 +255,10 @@ def check_real_float_leaf(path: str, leaf: Any, needs: str, fix: str) -> None:
 def check_same_paths(updates: Any, reference: Any, what: str) -> None:
   """Raises a ValueError naming the leaves where two trees disagree.
 
-  Runs at trace time, so it costs nothing inside a compiled step.
+  Runs at trace time, so it costs nothing inside a compiled step. An
+  `optax.MaskedNode` counts as a leaf on either side.
   """
-  got = [jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(updates)]
-  want = [
-      jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(reference)
-  ]
+  got, want = _leaf_paths(updates), _leaf_paths(reference)
   if got != want:
     missing = [p for p in want if p not in set(got)]
     extra = [p for p in got if p not in set(want)]
@@ -227,6 +268,13 @@ def check_same_paths(updates: Any, reference: Any, what: str) -> None:
         + ('' if missing or extra else ' (same leaves in another order)')
         + '.'
     )
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+  return [
+      jax.tree_util.keystr(path) for path, _ in jax.tree.leaves_with_path(
+          tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  ]
 
 
 def check_updates_match_params(updates: Any, params: Any) -> None:
