@@ -89,6 +89,7 @@ def _state_bytes(tx, params):
   return flora_jax.memory.state_bytes(jax.eval_shape(tx.init, params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(TRANSFORMS))
 @PROPERTY
 @given(tree=trees(), rule=RULES)
