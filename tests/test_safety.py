@@ -205,6 +205,12 @@ def test_a_python_float_leaf_is_an_array(make):
     (lambda: flora_jax.galore(1e-3, eps=-1e-6), ValueError, 'eps'),
     (lambda: flora_jax.flora(1e-3, decay_rate=-0.8), ValueError, 'decay_rate'),
     (lambda: flora_jax.scale_by_adam_hf(eps=float('inf')), ValueError, 'eps'),
+    (lambda: flora_jax.flora(1e-3, weight_decay=-0.1), ValueError,
+     'weight_decay'),
+    (lambda: flora_jax.lora_plus('x', ratio=16.0), TypeError,
+     'learning_rate'),
+    (lambda: flora_jax.lora_plus(1e-3, ratio=16.0, weight_decay=float('nan')),
+     ValueError, 'weight_decay'),
 ])
 def test_bad_arguments_name_themselves(make, error, match):
   with pytest.raises(error, match=match):

@@ -116,6 +116,7 @@ def flora(
   validation.check_learning_rate('learning_rate', learning_rate)
   validation.check_finite_at_least('decay_rate', decay_rate, 0.0)
   validation.check_finite_at_least('eps', eps, 0.0)
+  validation.check_finite_at_least('weight_decay', weight_decay, 0.0)
   transforms = [
       optax.scale_by_factored_rms(
           factored=True,

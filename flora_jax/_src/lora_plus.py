@@ -201,9 +201,13 @@ def lora_plus(
   References:
     Hayou, Ghosh, Yu, 2024, https://arxiv.org/abs/2402.12354
   """
+  validation.check_learning_rate('learning_rate', learning_rate)
+  validation.check_learning_rate('embedding_learning_rate',
+                                 embedding_learning_rate)
   validation.check_positive_number('ratio', ratio)
   validation.check_positive_number('max_grad_norm', max_grad_norm,
                                    optional=True)
+  validation.check_finite_at_least('weight_decay', weight_decay, 0.0)
   if scale_by is None:
     scale_by = optax.scale_by_adam(b1, b2, eps)
   validation.check_transformation('scale_by', scale_by)
