@@ -323,6 +323,14 @@ def _low_rank_params(plans, params):
   )
 
 
+def _low_rank_shapes(plans):
+  """The shapes ``inner`` works on: each leaf's low-rank shape, float32."""
+  return jax.tree.map(
+      lambda plan: jax.ShapeDtypeStruct(plan.low_rank_shape, jnp.float32),
+      plans,
+  )
+
+
 def _unproject_where_state_grows(plans, tree, inner, source, residual):
   """Leaves exact every leaf whose state projecting would not shrink.
 
@@ -336,10 +344,7 @@ def _unproject_where_state_grows(plans, tree, inner, source, residual):
       lambda plan, x: jax.ShapeDtypeStruct(plan.shape, jnp.result_type(x)),
       plans, tree,
   )
-  low = jax.tree.map(
-      lambda plan: jax.ShapeDtypeStruct(plan.low_rank_shape, jnp.float32),
-      plans,
-  )
+  low = _low_rank_shapes(plans)
   full_bytes, low_bytes = (
       tree_util.bytes_per_parameter(jax.eval_shape(inner.init, shapes), full)
       for shapes in (full, low)
@@ -361,9 +366,7 @@ def _unproject_where_state_grows(plans, tree, inner, source, residual):
 
 def _check_inner_state_shapes(inner, plans, inner_state) -> None:
   """Names the leaf whose update does not fit the state made at init."""
-  expected = jax.eval_shape(inner.init, jax.tree.map(
-      lambda plan: jax.ShapeDtypeStruct(plan.low_rank_shape, jnp.float32),
-      plans))
+  expected = jax.eval_shape(inner.init, _low_rank_shapes(plans))
   found = jax.tree.leaves_with_path(inner_state)
   wanted = jax.tree.leaves(expected)
   if len(found) != len(wanted):

@@ -9,7 +9,6 @@ offending argument (or parameter path) and what was expected.
 from __future__ import annotations
 
 import math
-
 import numbers
 import typing
 from typing import Any, TypeGuard
@@ -55,18 +54,23 @@ def _is_real(value: Any) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _concrete_int(value: Any) -> Any:
+  """A concrete integer scalar array as a Python int; anything else as is."""
+  if (isinstance(value, (jax.Array, np.ndarray)) and is_concrete(value)
+      and value.shape == () and np.issubdtype(value.dtype, np.integer)):
+    return int(value)
+  return value
+
+
 def check_positive_int(name: str, value: Any) -> int:
   """Returns `value` as an int, or raises naming `name`."""
+  value = _concrete_int(value)
   if not _is_python_int(value):
     if isinstance(value, (jax.Array, np.ndarray)) and is_concrete(value):
-      if value.shape == () and np.issubdtype(value.dtype, np.integer):
-        value = int(value)
-      else:
-        raise TypeError(f'{name} must be a positive int, got {value!r}.')
-    else:
-      raise TypeError(
-          f'{name} must be a positive int{_STATIC_HINT}, got {value!r}.'
-      )
+      raise TypeError(f'{name} must be a positive int, got {value!r}.')
+    raise TypeError(
+        f'{name} must be a positive int{_STATIC_HINT}, got {value!r}.'
+    )
   if value <= 0:
     raise ValueError(f'{name} must be a positive int, got {value}.')
   return int(value)
@@ -74,9 +78,7 @@ def check_positive_int(name: str, value: Any) -> int:
 
 def check_non_negative_int(name: str, value: Any) -> int:
   """Returns a static non-negative int, or raises naming `name`."""
-  if (isinstance(value, (jax.Array, np.ndarray)) and is_concrete(value)
-      and value.shape == () and np.issubdtype(value.dtype, np.integer)):
-    value = int(value)
+  value = _concrete_int(value)
   if not _is_python_int(value) or value < 0:
     raise ValueError(
         f'{name} must be a non-negative int{_STATIC_HINT}, got {value!r}.'
