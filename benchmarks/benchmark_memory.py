@@ -1,6 +1,6 @@
 """Memory of Flora, GaLore and Fira against optax baselines, without allocating.
 
-Two measurements; neither allocates the arrays it measures, so a 7B model is
+Three measurements; none allocates the arrays it measures, so a 7B model is
 fine on a laptop:
 
 1. Optimizer-state bytes: ``jax.eval_shape(tx.init, params)`` on LLaMA-shaped
@@ -29,10 +29,25 @@ fine on a laptop:
    These figures come from the compiler of whatever backend JAX picks (its
    fusion and scheduling decide the temporaries), so the header names it.
 
+3. The peak of the same donated step, measured the same way, at the 60M,
+   350M, 1B and 7B shapes of section 1, written the way large JAX models
+   are: each layer's parameters stacked into leaves with a leading layer
+   axis, the layers run with `jax.lax.scan`, each layer checkpointed
+   (`jax.checkpoint`, saving nothing but the residual stream carried from
+   layer to layer), batch 1 x 2048 tokens, float32 and bfloat16
+   parameters. One table per model and dtype, with the gradients and the
+   accelerators (24 / 40 / 80 GB) the step fits.
+
 Run it with
 
-  python benchmarks/benchmark_memory.py          # full: a minute on 2 cores
-  python benchmarks/benchmark_memory.py --quick  # CI smoke mode, about 20 s
+  python benchmarks/benchmark_memory.py          # full: 5 minutes on 2 cores
+  python benchmarks/benchmark_memory.py --quick  # CI smoke mode, about 30 s
+  python benchmarks/benchmark_memory.py --skip-step --peak-models 7B
+
+Section 3 takes 4 of the full run's 5 minutes: 64 compilations (4 sizes, 2
+dtypes, 8 optimizers) of 1 to 8 s each, whatever the size; the process
+stays under 1.2 GB of host memory, 7B included. With --quick it compiles
+2 optimizers for a 2-layer bfloat16 model instead.
 
 It needs the examples' support package, ``flora_jax_examples`` (the LLaMA
 model and the tables, in ``examples/flora_jax_examples/llama.py`` and
@@ -55,6 +70,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -80,6 +96,30 @@ FULL_STEP_MODEL = llama.StepModel('LLaMA-60M', 512, 1376, 8, llama.LLAMA_VOCAB,
 # rank must be smaller than the compressed side for anything to be projected.
 QUICK_STEP_MODEL = llama.StepModel('tiny LLaMA', 256, 688, 2, 8000, 2, 128,
                                    64)
+
+# Section 3: stacked, scanned and checkpointed; batch 1 x 2048 tokens.
+PEAK_MODELS = ('60M', '350M', '1B', '7B')
+PEAK_DTYPES = (jnp.float32, jnp.bfloat16)
+PEAK_BATCH, PEAK_SEQ_LEN = 1, 2048
+# Quick mode: the tiny model above, stacked, in bfloat16 only (each compile
+# takes seconds whatever the size, and CI has about 10 s for this section).
+QUICK_PEAK_MODEL = llama.StepModel('tiny LLaMA', 256, 688, 2, 8000, 1, 128,
+                                   64, jnp.bfloat16, stacked=True, remat=True)
+QUICK_PEAK_DTYPES = (jnp.bfloat16,)
+
+
+def peak_rank(model: str) -> int:
+  """Rank 128 at 60M as the GaLore paper; 256 above (it uses 256 to 1024)."""
+  return 128 if model == '60M' else 256
+
+
+def peak_step_model(model: str, dtype) -> llama.StepModel:
+  """The section-3 step of one ``llama.LLAMA_SHAPES`` size and dtype."""
+  d_model, ffn, layers = llama.LLAMA_SHAPES[model]
+  return llama.StepModel(f'LLaMA-{model}', d_model, ffn, layers,
+                         llama.LLAMA_VOCAB, PEAK_BATCH, PEAK_SEQ_LEN,
+                         peak_rank(model), dtype, stacked=True, remat=True)
+
 
 STATE_NOTES = """\
 Notes on the state table:
@@ -131,6 +171,81 @@ Temporaries depend on the backend's fusion and scheduling: on CPU, XLA_FLAGS=
 memory-leaner schedule) gives different ones; read them per backend."""
 
 
+def peak_heading(model: llama.StepModel) -> str:
+  count = llama.parameter_count(model.params())
+  return (f'### {model.name} ({memory_tables.millions(count)} parameters), '
+          f'{jnp.dtype(model.dtype).name} parameters, rank {model.rank}\n')
+
+
+def peak_notes(model: llama.StepModel) -> str:
+  frac = memory_tables.USABLE_FRACTION
+  return f"""\
+Notes on the peak tables:
+
+* The step: forward, backward, optimizer update and `optax.apply_updates`,
+  `jax.jit(step, donate_argnums=(0, 1))` (parameters and optimizer state
+  donated), compiled for abstract inputs (`jax.ShapeDtypeStruct`) and never
+  run. Batch {model.batch} x {model.seq_len} tokens; heads of \
+{llama.HEAD_DIM}, vocab {model.vocab}, untied head.
+* Layout: each layer's parameters stacked into leaves with a leading layer
+  axis, `(L, m, n)` matrices and `(L, d)` norms, and the layers run with
+  `jax.lax.scan`. The scanned layer is `jax.checkpoint`-ed with
+  `jax.checkpoint_policies.nothing_saveable`: the backward pass keeps only
+  each layer's input, the residual stream the scan carries (L x batch x
+  seq x d), and recomputes the rest of a layer when it reaches it.
+* float32: parameters, gradients and compute in float32. bfloat16:
+  parameters, gradients and compute in bfloat16, with RMSNorm statistics,
+  RoPE, attention scores and softmax, and the loss in float32; no float32
+  master copy. The optimizer state takes the dtypes each optimizer picks
+  for such parameters (the "state dtypes" column; `optax.adamw` keeps its
+  moments in the parameters' dtype).
+* "gradients" is the bytes of the gradient tree (the parameters' shapes
+  and dtypes). XLA does not report it apart: the whole tree is alive at
+  the optimizer update of this unfused step, so it is part of the
+  temporaries. "activations and other temporaries" = temporaries -
+  gradients: the saved residual streams, one layer's recomputed
+  activations, the logits and their gradient, the optimizer's
+  intermediates. `optax.sgd` keeps no state: its row is the floor.
+* Peak estimate = arguments + outputs - aliased + temporaries, as in
+  section 2; "% of AdamW peak" is of `optax.adamw`'s. "fits N GB": peak
+  estimate <= {frac} x N GiB. These cards' "GB" are GiB (an A100 80GB has
+  81,920 MiB), and {frac} is the share JAX can be given with
+  XLA_PYTHON_CLIENT_MEM_FRACTION={frac} (its default preallocation is 75%),
+  the rest left to what the estimate does not count (below); cards that
+  reserve memory for ECC have less.
+* Rank as in each heading: 128 at 60M and 256 above in the full run (the
+  GaLore paper uses 512 at 1B and 1024 at 7B; section 1 has the state at
+  512). `optax.adafactor` has its defaults: no momentum, factored second
+  moments.
+* `flora_jax`'s `ProjectionRule` treats leading axes as a stack of
+  independent matrices: each layer's slice of an `(L, m, n)` leaf gets its
+  own projector, as with unstacked leaves. `optax.contrib.galore`'s
+  `GaLoreDimensionNumbers` must give every axis to the rows or the columns
+  (no batch axes): with its defaults it projects only the 2-D embedding and
+  head and keeps full Adam moments for the stacked layer weights. Giving it
+  `reduction_axis=(0, 1)` would merge the layers into one matrix with one
+  projector, another method, so it is left at its defaults.
+* What the estimate is: XLA's buffer assignment for the backend in the
+  header (its fusion and scheduling), for the compiled program. On CPU it is
+  the CPU compiler's; the same script run on a GPU reports the GPU
+  compiler's, which fuses and schedules differently. Not included: LAPACK /
+  cuSOLVER workspaces (GaLore and Fira's SVD; its refresh branch is compiled
+  into every step and its buffers count), cuBLAS workspaces, the CUDA
+  context, allocator fragmentation and the runtime's own reservations.
+* Two CPU-compiler effects to keep in mind. XLA's CPU backend computes
+  bfloat16 in float32, and widens the backward scan's stacked bfloat16
+  gradient buffers (and the saved residual streams) to float32, which the
+  program JAX emits does not contain: the bfloat16 temporaries here
+  carry about 4 bytes per layer parameter that a bfloat16-native backend
+  would not (compare the two dtypes' `optax.sgd` rows). And the CPU's
+  default schedule is concurrency-optimized, not memory-optimized:
+  XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false
+  (a sequential schedule) changes the temporaries: a little for AdamW,
+  by up to tens of GiB at 7B for the optimizers with per-matrix work
+  (Adafactor, Flora, GaLore, Fira), not always downwards, so their
+  "% of AdamW peak" depends on the schedule too."""
+
+
 # ------------------------------------------------------------------- plots
 
 
@@ -147,7 +262,7 @@ def draw_curves(ax, xs, curves: dict) -> None:
   """
   markers = 'osD^v<>xP*h'
   drawn = {}
-  for (label, ys), marker in zip(curves.items(), markers):
+  for (label, ys), marker in zip(curves.items(), markers, strict=False):
     same_as = next((other for other, other_ys in drawn.items()
                     if np.allclose(ys, other_ys, rtol=1e-3)), None)
     if same_as is None:
@@ -207,13 +322,13 @@ def plot_step_memory(results, model: llama.StepModel, path) -> None:
 
   labels = list(results)
   parts = {
-      'parameters': [results[l].params for l in labels],
-      'optimizer state': [results[l].opt_state for l in labels],
-      'temporaries': [results[l].temp for l in labels],
+      'parameters': [results[name].params for name in labels],
+      'optimizer state': [results[name].opt_state for name in labels],
+      'temporaries': [results[name].temp for name in labels],
       # Outputs that did not reuse a donated buffer, plus the tokens.
       'other (non-aliased outputs, batch)': [
-          results[l].peak - results[l].persistent - results[l].temp
-          for l in labels],
+          results[name].peak - results[name].persistent - results[name].temp
+          for name in labels],
   }
   fig, ax = plt.subplots(figsize=(9, 5))
   bottom = np.zeros(len(labels))
@@ -238,6 +353,42 @@ def plot_step_memory(results, model: llama.StepModel, path) -> None:
   plt.close(fig)
 
 
+def plot_peaks(results, path) -> None:
+  """Peak GiB against model size, one line per optimizer, a panel per dtype."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  dtypes = sorted({jnp.dtype(m.dtype).name for m in results},
+                  key=lambda name: -jnp.dtype(name).itemsize)
+  fig, axes = plt.subplots(1, len(dtypes), figsize=(7 * len(dtypes), 5.5),
+                           sharey=True, squeeze=False)
+  for ax, dtype in zip(axes[0], dtypes, strict=True):
+    models = [m for m in results if jnp.dtype(m.dtype).name == dtype]
+    xs = [llama.parameter_count(m.params()) for m in models]
+    curves = {label: [results[m][label].peak / GIB for m in models]
+              for label in results[models[0]]}
+    draw_curves(ax, xs, curves)
+    for gb in memory_tables.ACCELERATOR_GB:
+      usable = memory_tables.USABLE_FRACTION * gb
+      ax.axhline(usable, color='grey', linestyle='--', linewidth=1)
+      ax.annotate(f'{gb} GB ({usable:.1f} GiB usable)', (xs[0], usable),
+                  fontsize=7, color='grey', va='bottom')
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xticks(xs, [m.name.removeprefix('LLaMA-') for m in models])
+    ax.minorticks_off()
+    ax.set_xlabel('model (parameters, log scale)')
+    ax.set_title(f'{dtype} parameters')
+    ax.grid(True, which='both', alpha=0.3)
+  axes[0][0].set_ylabel('peak estimate (GiB, log scale)')
+  axes[0][-1].legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+  fig.suptitle('Compiled train-step peak, stacked + scanned + checkpointed, '
+               f'batch 1 x {next(iter(results)).seq_len} '
+               f'({jax.default_backend()})')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 # -------------------------------------------------------------------- main
 
 
@@ -252,12 +403,12 @@ def environment() -> str:
       f'x{jax.device_count()}, {os.cpu_count()} CPU cores'
   )
   # Scheduler flags change the compiled temporaries, so they are part of the
-  # provenance of section 2.
+  # provenance of sections 2 and 3.
   if os.environ.get('XLA_FLAGS'):
     text += f'; XLA_FLAGS={os.environ["XLA_FLAGS"]}'
   return text + (
-      '.\nSection 1 is shapes only (the same on any device); section 2 is'
-      " what this backend's compiler assigns.")
+      '.\nSection 1 is shapes only (the same on any device); sections 2 and'
+      " 3 are what this backend's compiler assigns.")
 
 
 def require_matplotlib() -> None:
@@ -268,6 +419,15 @@ def require_matplotlib() -> None:
         'The plots need matplotlib:'
         ' pip install -e . -e "./examples[benchmarks]".') from err
   matplotlib.use('Agg')  # files only; never needs a display
+
+
+def section3_models(args) -> list[llama.StepModel]:
+  """The models of section 3, float32 ones first."""
+  if args.quick and not args.peak_models:
+    return [QUICK_PEAK_MODEL]
+  dtypes = QUICK_PEAK_DTYPES if args.quick else PEAK_DTYPES
+  return [peak_step_model(model, dtype) for dtype in dtypes
+          for model in args.peak_models or PEAK_MODELS]
 
 
 def main(argv=None) -> None:
@@ -283,7 +443,13 @@ def main(argv=None) -> None:
   parser.add_argument('--ranks', nargs='+', type=int,
                       help='state table ranks')
   parser.add_argument('--skip-step', action='store_true',
-                      help='only the state table (no compilation)')
+                      help='skip section 2 (the unrolled LLaMA-60M step)')
+  parser.add_argument('--peak-models', nargs='+',
+                      choices=tuple(llama.LLAMA_SHAPES),
+                      help='section 3 model sizes (default 60M 350M 1B 7B; '
+                      'a 2-layer model with --quick)')
+  parser.add_argument('--skip-peak', action='store_true',
+                      help='skip section 3 (the peak tables)')
   args = parser.parse_args(argv)
   require_matplotlib()  # before minutes of work, not after
 
@@ -330,6 +496,25 @@ def main(argv=None) -> None:
     emit(step_notes(step_model) + '\n')
     pngs.append(out / 'train_step_memory.png')
     plot_step_memory(results, step_model, pngs[-1])
+
+  if not args.skip_peak:
+    emit('## 3. Compiled train-step peak, LLaMA-60M to 7B, stacked and '
+         'scanned\n')
+    peak_models = section3_models(args)
+    peaks = {}
+    for model in peak_models:
+      peaks[model] = {}
+      for label, optimizer in memory_tables.peak_optimizers(
+          model.rank, args.quick).items():
+        peaks[model][label] = llama.compile_step_memory(model, optimizer)
+        print(f'  compiled {model.name} {jnp.dtype(model.dtype).name} '
+              f'{label} in {peaks[model][label].compile_seconds:.1f} s',
+              file=sys.stderr, flush=True)
+      emit(peak_heading(model))
+      emit(memory_tables.peak_table(peaks[model]) + '\n')
+    emit(peak_notes(peak_models[0]) + '\n')
+    pngs.append(out / 'train_step_peak.png')
+    plot_peaks(peaks, pngs[-1])
 
   emit(f'Wall time {time.perf_counter() - start:.1f} s.')
   (out / 'memory.md').write_text('\n'.join(report) + '\n')

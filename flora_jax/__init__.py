@@ -26,6 +26,7 @@ from flora_jax._src.flora import FloraCompressState
 from flora_jax._src.flora import FloraMomentumState
 from flora_jax._src.flora import scale_by_flora_momentum
 from flora_jax._src.lora_plus import lora_plus
+from flora_jax._src.memory import memory_report
 from flora_jax._src.projection import path_mask
 from flora_jax._src.projection import ProjectionRule
 from flora_jax._src.settings import adopt_settings
@@ -36,7 +37,7 @@ from flora_jax._src.subspace import GaLoreState
 from flora_jax._src.subspace import scale_by_fira
 from flora_jax._src.subspace import scale_by_galore
 
-__version__ = '0.3.0'
+__version__ = '0.4.0'
 
 __all__ = (
     'FiraResidual',
@@ -56,6 +57,7 @@ __all__ = (
     'limit_norm_growth',
     'lora_plus',
     'memory',
+    'memory_report',
     'path_mask',
     'projections',
     'scale_by_adam_hf',

@@ -24,6 +24,8 @@ SUPPORTED = {
     'GaLoreState', 'LimitNormGrowthState',
     # options
     'ProjectionRule', 'FiraResidual', 'path_mask', 'adopt_settings',
+    # memory
+    'memory_report',
     # sharding
     'state_shardings', 'state_partition_specs', 'apply_shardings',
     # namespaces

@@ -5,11 +5,17 @@ the GaLore / Fira paper shapes (abstract: shapes and dtypes, nothing
 allocated), the decoder's loss (RMSNorm, RoPE attention, SwiGLU), and the
 compiled memory of one donated train step, read from XLA's buffer
 assignment without running it.
+
+Two layouts of the same model: one entry per layer (a list, the leaves a
+PyTorch LLaMA has, the layers unrolled) or the layers stacked into leaves
+with a leading layer axis and run with `jax.lax.scan`, as large JAX models
+are written; either optionally with activation checkpointing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -45,39 +51,55 @@ class StepModel:
   batch: int
   seq_len: int
   rank: int
+  dtype: Any = jnp.float32  # parameters and compute
+  stacked: bool = False  # layers stacked and scanned, see `llama_params`
+  remat: bool = False  # activation checkpointing, see `lm_loss`
+
+  def params(self) -> dict:
+    """The model's abstract parameters."""
+    return llama_params(self.d_model, self.ffn, self.layers, self.vocab,
+                        self.dtype, self.stacked)
 
 
 # ------------------------------------------------------------ parameters
 
 
 def llama_params(d_model: int, ffn: int, layers: int, vocab: int = LLAMA_VOCAB,
-                 dtype: Any = jnp.float32) -> dict:
+                 dtype: Any = jnp.float32, stacked: bool = False) -> dict:
   """Abstract parameters of a LLaMA decoder in Flax ``(in, out)`` layout.
 
   Per layer: attention q, k, v, o (``d x d``), SwiGLU gate and up
   (``d x ffn``) and down (``ffn x d``), two RMSNorm weights; plus the token
   embedding, the final RMSNorm and an untied output head (``d x vocab``).
-  One list entry per layer rather than a stacked ``(L, m, n)`` array, so
-  the optimizers see the leaves a PyTorch LLaMA has.
+  By default one list entry per layer, the leaves a PyTorch LLaMA has; with
+  ``stacked`` one dict whose leaves carry a leading layer axis,
+  ``(layers, m, n)`` and ``(layers, d)``, for `jax.lax.scan`.
   """
   def shape(*dims):
     return jax.ShapeDtypeStruct(dims, dtype)
 
-  def layer():
+  def layer(*lead):
     return {
-        'attn': {name: shape(d_model, d_model) for name in 'qkvo'},
-        'mlp': {'gate': shape(d_model, ffn), 'up': shape(d_model, ffn),
-                'down': shape(ffn, d_model)},
-        'attn_norm': shape(d_model),
-        'mlp_norm': shape(d_model),
+        'attn': {name: shape(*lead, d_model, d_model) for name in 'qkvo'},
+        'mlp': {'gate': shape(*lead, d_model, ffn),
+                'up': shape(*lead, d_model, ffn),
+                'down': shape(*lead, ffn, d_model)},
+        'attn_norm': shape(*lead, d_model),
+        'mlp_norm': shape(*lead, d_model),
     }
 
   return {
       'embed': shape(vocab, d_model),
-      'layers': [layer() for _ in range(layers)],
+      'layers': layer(layers) if stacked else [layer() for _ in range(layers)],
       'final_norm': shape(d_model),
       'lm_head': shape(d_model, vocab),
   }
+
+
+def stack_layers(params: dict) -> dict:
+  """The same parameters with the per-layer list stacked along a new axis 0."""
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params['layers'])
+  return {**params, 'layers': stacked}
 
 
 def parameter_count(params) -> int:
@@ -97,18 +119,26 @@ def rms_norm(x, weight, eps=1e-6):
 
 
 def rotary(x):
-  """RoPE on ``(batch, seq, heads, head_dim)``, half-split convention."""
+  """RoPE on ``(batch, seq, heads, head_dim)``, half-split convention.
+
+  The rotation is computed in float32 and the result cast back to ``x``'s
+  dtype.
+  """
   seq, dim = x.shape[1], x.shape[-1]
   freqs = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
   angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]
   cos = jnp.cos(angles)[None, :, None, :]
   sin = jnp.sin(angles)[None, :, None, :]
   x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  rotated = [x1 * cos - x2 * sin, x1 * sin + x2 * cos]
+  return jnp.concatenate(rotated, axis=-1).astype(x.dtype)
 
 
 def attention(params, x):
-  """Causal multi-head self-attention with RoPE, heads of 64."""
+  """Causal multi-head self-attention with RoPE, heads of 64.
+
+  Scores and softmax in float32 whatever the compute dtype.
+  """
   batch, seq, d_model = x.shape
   heads = d_model // HEAD_DIM
 
@@ -118,10 +148,11 @@ def attention(params, x):
   q = rotary(split(x @ params['q']))
   k = rotary(split(x @ params['k']))
   v = split(x @ params['v'])
-  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(HEAD_DIM)
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,
+                      preferred_element_type=jnp.float32) / math.sqrt(HEAD_DIM)
   causal = jnp.tril(jnp.ones((seq, seq), bool))
   scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-  weights = jax.nn.softmax(scores, axis=-1)
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, seq, d_model)
   return out @ params['o']
 
@@ -131,22 +162,42 @@ def swiglu(params, x):
   return (jax.nn.silu(x @ params['gate']) * (x @ params['up'])) @ params['down']
 
 
-def lm_loss(params, tokens):
-  """Mean next-token cross-entropy of a pre-norm LLaMA decoder."""
+def decoder_layer(layer, x):
+  """One pre-norm block: attention then SwiGLU, each added to ``x``."""
+  x = x + attention(layer['attn'], rms_norm(x, layer['attn_norm']))
+  return x + swiglu(layer['mlp'], rms_norm(x, layer['mlp_norm']))
+
+
+def lm_loss(params, tokens, remat: bool = False):
+  """Mean next-token cross-entropy of a pre-norm LLaMA decoder.
+
+  The layers are unrolled if ``params['layers']`` is a list and scanned if
+  it is stacked (see `llama_params`). With ``remat`` each layer is
+  checkpointed, saving nothing: the backward pass keeps only each layer's
+  input (the residual stream) and recomputes the rest.
+  """
+  layer_fn = decoder_layer
+  if remat:
+    layer_fn = jax.checkpoint(
+        decoder_layer, policy=jax.checkpoint_policies.nothing_saveable)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   x = jnp.take(params['embed'], inputs, axis=0)
-  for layer in params['layers']:
-    x = x + attention(layer['attn'], rms_norm(x, layer['attn_norm']))
-    x = x + swiglu(layer['mlp'], rms_norm(x, layer['mlp_norm']))
+  if isinstance(params['layers'], list):
+    for layer in params['layers']:
+      x = layer_fn(layer, x)
+  else:
+    x, _ = jax.lax.scan(lambda h, layer: (layer_fn(layer, h), None), x,
+                        params['layers'])
   logits = rms_norm(x, params['final_norm']) @ params['lm_head']
   return optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), targets).mean()
 
 
-def train_step_fn(optimizer) -> Callable:
+def train_step_fn(optimizer, remat: bool = False) -> Callable:
   """Forward, backward, optimizer update and parameter update, one call."""
   def step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(lm_loss)(params, tokens)
+    loss_fn = functools.partial(lm_loss, remat=remat)
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
   return step
@@ -166,6 +217,8 @@ class StepMemory:
     temp: the packed peak of every intermediate buffer (activations kept for
       the backward pass, gradients, optimizer temporaries).
     compile_seconds: how long the compilation took.
+    state_dtypes: the floating dtypes of the optimizer state, e.g.
+      ``('bfloat16', 'float32')``.
   """
 
   params: int
@@ -175,6 +228,21 @@ class StepMemory:
   alias: int
   temp: int
   compile_seconds: float
+  state_dtypes: tuple[str, ...] = ()
+
+  @property
+  def gradients(self) -> int:
+    """Bytes of the gradient tree (the parameters' shapes and dtypes).
+
+    XLA does not report it apart: it is part of ``temp``, since the whole
+    tree is alive at the optimizer update of an unfused step.
+    """
+    return self.params
+
+  @property
+  def activations_and_other(self) -> int:
+    """The temporaries other than the gradients."""
+    return self.temp - self.gradients
 
   @property
   def persistent(self) -> int:
@@ -189,11 +257,15 @@ class StepMemory:
 
 
 def compile_step_memory(model: StepModel, optimizer) -> StepMemory:
-  """Compiles (never runs) one donated train step and reads XLA's sizes."""
-  params = llama_params(model.d_model, model.ffn, model.layers, model.vocab)
+  """Compiles (never runs) one donated train step and reads XLA's sizes.
+
+  The inputs are abstract (`jax.ShapeDtypeStruct`): nothing is allocated,
+  so any model size compiles on a laptop.
+  """
+  params = model.params()
   opt_state = jax.eval_shape(optimizer.init, params)
   tokens = jax.ShapeDtypeStruct((model.batch, model.seq_len + 1), jnp.int32)
-  step = jax.jit(train_step_fn(optimizer), donate_argnums=(0, 1))
+  step = jax.jit(train_step_fn(optimizer, model.remat), donate_argnums=(0, 1))
   start = time.perf_counter()
   compiled = step.lower(params, opt_state, tokens).compile()
   seconds = time.perf_counter() - start
@@ -209,6 +281,14 @@ def compile_step_memory(model: StepModel, optimizer) -> StepMemory:
       alias=stats.alias_size_in_bytes,
       temp=stats.temp_size_in_bytes,
       compile_seconds=seconds,
+      state_dtypes=floating_dtypes(opt_state),
   )
+
+
+def floating_dtypes(tree) -> tuple[str, ...]:
+  """The names of the floating dtypes among a tree's leaves, sorted."""
+  return tuple(sorted({
+      leaf.dtype.name for leaf in jax.tree.leaves(tree)
+      if jnp.issubdtype(leaf.dtype, jnp.floating)}))
 
 

@@ -169,3 +169,70 @@ def step_table(results: dict) -> str:
         f'| {label} | ' + ' | '.join(f'{c / MIB:,.1f}' for c in cells)
         + f' | {percent(m.peak, adamw_peak)} |')
   return '\n'.join(lines)
+
+
+# ------------------------------------------- 3. train-step peak, 60M to 7B
+
+# Accelerators of 24, 40 and 80 GB. Their "GB" are GiB (an A100 80GB has
+# 81,920 MiB), and a step may use 95% of them: what JAX can be given with
+# XLA_PYTHON_CLIENT_MEM_FRACTION=.95, the rest left to the CUDA context and
+# library workspaces, which the compiler's estimate does not count.
+ACCELERATOR_GB = (24, 40, 80)
+USABLE_FRACTION = 0.95
+
+
+def fits(peak: int, capacity_gb: int) -> bool:
+  """Whether ``peak`` bytes fit in ``USABLE_FRACTION`` of the capacity."""
+  return peak <= USABLE_FRACTION * capacity_gb * GIB
+
+
+def peak_optimizers(rank: int, quick: bool) -> dict:
+  """The optimizers of the peak tables: baselines first.
+
+  ``optax.contrib.galore`` keeps its defaults: its dimension numbers can
+  name no batch axis, so it projects only 2-D leaves and keeps full Adam
+  moments for stacked ``(L, m, n)`` ones.
+  """
+  lr = LEARNING_RATE
+  if quick:
+    return {'optax.adamw': optax.adamw(lr),
+            'flora_jax.flora': flora_jax.flora(lr, rank=rank)}
+  return {
+      'optax.sgd (no state)': optax.sgd(lr),
+      'optax.adamw': optax.adamw(lr),
+      'optax.adafactor': optax.adafactor(lr),
+      'optax.contrib.galore': optax.contrib.galore(lr, rank=rank),
+      'flora_jax.flora': flora_jax.flora(lr, rank=rank),
+      'flora_jax.flora, bf16 momentum': flora_jax.flora(
+          lr, rank=rank, momentum_dtype=jnp.bfloat16),
+      'flora_jax.galore': flora_jax.galore(lr, rank=rank),
+      'flora_jax.fira': flora_jax.fira(lr, rank=rank),
+  }
+
+
+def peak_table(results: dict) -> str:
+  """Markdown: each optimizer's parts of the peak, and what fits.
+
+  In GiB, or MiB for models whose AdamW step peaks under 1 GiB.
+  """
+  adamw_peak = results['optax.adamw'].peak
+  unit, scale = ('GiB', GIB) if adamw_peak >= GIB else ('MiB', MIB)
+  columns = ['parameters', 'gradients', 'optimizer state', 'temporaries',
+             'activations and other temporaries', 'peak estimate']
+  lines = [
+      '| optimizer | state dtypes | '
+      + ' | '.join(f'{c} ({unit})' for c in columns)
+      + ' | % of AdamW peak |'
+      + ''.join(f' fits {gb} GB |' for gb in ACCELERATOR_GB),
+      '|---|---|' + '---:|' * (len(columns) + 1)
+      + ':---:|' * len(ACCELERATOR_GB),
+  ]
+  for label, m in results.items():
+    sizes = [m.params, m.gradients, m.opt_state, m.temp,
+             m.activations_and_other, m.peak]
+    cells = [' + '.join(m.state_dtypes) or '–']
+    cells += [f'{size / scale:,.2f}' for size in sizes]
+    cells.append(percent(m.peak, adamw_peak))
+    cells += ['yes' if fits(m.peak, gb) else 'no' for gb in ACCELERATOR_GB]
+    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)

@@ -12,6 +12,7 @@ import optax
 from flora_jax._src import compat
 from flora_jax._src import deprecation
 from flora_jax._src import keys
+from flora_jax._src import projection
 from flora_jax._src import projectors
 from flora_jax._src import settings
 from flora_jax._src import tree_util
@@ -98,6 +99,9 @@ class FloraMultiSteps:
     self._accumulator_dtype = validation.check_float_dtype(
         'accumulator_dtype', accumulator_dtype
     )
+    self._announce = projection.plan_announcer(
+        'flora_jax.FloraMultiSteps', 'the rest is accumulated full-size'
+    )
 
   @property
   def inner_opt(self) -> optax.GradientTransformationExtraArgs:
@@ -131,6 +135,7 @@ class FloraMultiSteps:
     self._check_schedule()
     params = tree_util.unwrap_variables(params)
     plans = self._rule.plan(params)
+    self._announce(plans)
     jax.tree.map(
         lambda plan, leaf: validation.check_real_float_leaf(
             plan.path, leaf, 'gradient accumulation',
@@ -177,11 +182,12 @@ class FloraMultiSteps:
     cycle = state.gradient_step
     k = self._cycle_length(cycle)
     # Drawn once per step: the same projectors compress now and, at the end
-    # of the cycle, decompress.
+    # of the cycle, decompress. Each waits for its gradient (`compat.after`).
     drawn = jax.tree.map(
-        lambda plan: projectors.random_projector(state.key, plan, cycle)
+        lambda plan, g: projectors.random_projector(
+            state.key, plan, compat.after(cycle, g))
         if plan.projected else None,
-        plans,
+        plans, updates,
     )
     acc = jax.tree.map(self._accumulate, plans, updates, state.acc_sketch,
                        drawn)

@@ -110,20 +110,48 @@ class FiraResidual:
     phi = jnp.linalg.norm(inner_update, axis=rank_axis, keepdims=True) / (
         jnp.linalg.norm(low_rank, axis=rank_axis, keepdims=True) + _PHI_EPS
     )
-    r_back = projectors.project_up(q, low_rank, side)
-    back = projectors.project_up(q, inner_update, side)
     g = g.astype(jnp.float32)
-    if self.formulation == 'code':
-      s = phi * (g - scale * r_back)
+    # S = φ ⊙ (G − c up(R)), with c = α in the code's formulation.
+    c = scale if self.formulation == 'code' else 1.0
+    if self.growth_limit is None:
+      factor = phi
     else:
-      s = phi * (g - r_back)
-    if self.growth_limit is not None:
-      s, previous_norm = limit_growth(
-          s, previous_norm, self.growth_limit, axes=(-2, -1)
+      norm = _residual_norm(side, g, q, low_rank, phi, c)
+      shrink = jnp.maximum(
+          norm / (self.growth_limit * (previous_norm + _LIMITER_EPS)), 1.0
       )
-    if self.formulation == 'code':
-      return scale * back + s, previous_norm
-    return scale * (back + s), previous_norm
+      factor = phi / shrink[..., None, None]
+      previous_norm = norm / shrink
+    # α up(N) + m lim(S) with m = 1 (code) or α (paper), written with one
+    # up-projection, since φ ⊙ up(X) = up(φ ⊙ X) for a per-column (per-row)
+    # φ: no full-size residual or second product is ever formed.
+    outer = 1.0 if self.formulation == 'code' else scale
+    low = scale * inner_update - outer * c * factor * low_rank
+    return (projectors.project_up(q, low, side) + outer * factor * g,
+            previous_norm)
+
+
+def _residual_norm(side, g, q, low_rank, phi, c):
+  """``||φ ⊙ (G − c up(R))||`` per stacked slice, through ``R`` and ``QᵀQ``.
+
+  Per column ``j`` (side 'left'; rows for 'right'), with ``R = QᵀG``:
+  ``||g_j − c Q r_j||² = ||g_j||² − 2c ||r_j||² + c² r_jᵀ (QᵀQ) r_j``, exact
+  for any ``Q`` (``QᵀQ = I`` for GaLore's); only ``G``'s column norms touch
+  the full-size matrix.
+  """
+  rank_axis = -2 if side == 'left' else -1
+  gram = projectors.gram(q, q)
+  if side == 'left':
+    curvature = jnp.sum(low_rank * (gram @ low_rank), axis=rank_axis)
+  else:
+    curvature = jnp.sum(low_rank * (low_rank @ gram), axis=rank_axis)
+  squares = (jnp.sum(g * g, axis=rank_axis)
+             - 2 * c * jnp.sum(low_rank * low_rank, axis=rank_axis)
+             + c * c * curvature)
+  weights = jnp.squeeze(phi, rank_axis) ** 2
+  # The rank axis is summed out: what remains of the kept axis is last.
+  total = jnp.sum(weights * jnp.maximum(squares, 0.0), axis=-1)
+  return jnp.sqrt(total)
 
 
 def limit_growth(x, previous_norm, growth_limit, *, axes=None):

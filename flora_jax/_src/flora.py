@@ -27,6 +27,7 @@ import optax
 from flora_jax._src import compat
 from flora_jax._src import deprecation
 from flora_jax._src import keys
+from flora_jax._src import projection
 from flora_jax._src import projectors
 from flora_jax._src import settings
 from flora_jax._src import tree_util
@@ -113,12 +114,17 @@ def flora_compress(
   rule = ProjectionRule.of(rule)
   kappa = validation.check_positive_or_traced('kappa', kappa)
   validation.check_key('key', key)
+  announce = projection.plan_announcer(
+      'flora_jax.flora_compress', 'the rest passes uncompressed'
+  )
 
   def init_fn(params):
+    plans = rule.plan(params)
+    announce(plans)
     return FloraCompressState(
         count=jnp.zeros([], jnp.int32),
         key=keys.as_prng_key(key),
-        settings=settings.record(rule.plan(params), kappa=kappa),
+        settings=settings.record(plans, kappa=kappa),
     )
 
   def update_fn(updates, state, params=None):
@@ -130,7 +136,9 @@ def flora_compress(
     def compress(plan, g):
       if not plan.projected:
         return g
-      q = projectors.random_projector(state.key, plan, index)
+      q = projectors.random_projector(
+          state.key, plan, compat.after(index, g)
+      )
       low_rank = projectors.project_down(q, g, plan.side)
       return projectors.project_up(q, low_rank, plan.side).astype(g.dtype)
 
@@ -240,9 +248,12 @@ def scale_by_flora_momentum(
       'momentum_transfer', momentum_transfer, MomentumTransfer
   )
 
+  announce = projection.plan_announcer('flora_jax.scale_by_flora_momentum')
+
   def init_fn(params):
     params = tree_util.unwrap_variables(params)
     plans = rule.plan(params)
+    announce(plans)
     if momentum_transfer == 'paper':
       jax.tree.map(lambda plan: _check_paper_transfer(plan, b1, kappa), plans)
 
@@ -275,7 +286,7 @@ def scale_by_flora_momentum(
 
     def update_leaf(plan, u, c):
       out, c_new = _momentum_step(
-          plan, u.astype(jnp.float32), c.astype(jnp.float32),
+          plan, u.astype(jnp.float32), c,
           b1, nesterov, state.key, index, resampled, momentum_transfer,
       )
       return out.astype(u.dtype), c_new.astype(momentum_dtype)
@@ -306,25 +317,35 @@ def _momentum_step(
   """One leaf's (output, new momentum), in float32; see the formulas above."""
   side = plan.side
   if side is None:  # not projected: a full momentum
+    c = c.astype(jnp.float32)
     c_new = b1 * c + (1 - b1) * u
     out = b1 * c_new + (1 - b1) * u if nesterov else c_new
     return out, c_new
 
+  # Everything below waits for this leaf's update (see `compat.after`), and
+  # the leaf's whole step is one branch: its full-size temporaries (the
+  # up-projection, the output) then live only while this leaf is updated.
+  index, c = compat.after(index, u), compat.after(c, u)
   q = projectors.random_projector(key, plan, index)
 
-  def move(c):
+  def moved(c, q):
     if transfer == 'reset':
-      return jnp.zeros_like(c)
+      return jnp.zeros(c.shape, jnp.float32)
     q_old = projectors.random_projector(key, plan, index - 1)
     return projectors.change_basis(
         q_old, q, c, side, least_squares=transfer == 'least_squares'
     )
 
-  c = compat.cond(resampled, move, lambda c: c, c)
-  c_new = b1 * c + (1 - b1) * projectors.project_down(q, u, side)
-  history = c_new if nesterov else c
-  out = b1 * projectors.project_up(q, history, side) + (1 - b1) * u
-  return out, c_new
+  def step(transfer_first):
+    def run(u, c, q):
+      c = moved(c, q) if transfer_first else c.astype(jnp.float32)
+      c_new = b1 * c + (1 - b1) * projectors.project_down(q, u, side)
+      history = c_new if nesterov else c
+      out = b1 * projectors.project_up(q, history, side) + (1 - b1) * u
+      return out, c_new
+    return run
+
+  return compat.cond(resampled, step(True), step(False), u, c, q)
 
 
 def _check_paper_transfer(plan: LeafPlan, b1, kappa) -> None:

@@ -10,9 +10,12 @@ each slice with its own projector.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import jax
@@ -42,12 +45,15 @@ class LeafPlan:
     side: ``'left'`` (rows compressed), ``'right'`` (columns compressed) or
       None when the leaf is not projected.
     rank: the effective rank, None when the leaf is not projected.
+    reason: why the leaf is not projected, ``'<cause>: <detail>'`` (e.g.
+      ``'too small: smaller side 64 < min_dim 128'``); None when it is.
   """
 
   path: str
   shape: tuple[int, ...]
   side: Literal['left', 'right'] | None = None
   rank: int | None = None
+  reason: str | None = None
 
   @property
   def projected(self) -> bool:
@@ -126,8 +132,11 @@ class ProjectionRule:
   Example:
     >>> import jax.numpy as jnp
     >>> rule = ProjectionRule(rank=4, min_dim=8)
-    >>> rule.plan({'w': jnp.zeros((16, 32)), 'b': jnp.zeros(32)})['w']
-    LeafPlan(path="['w']", shape=(16, 32), side='left', rank=4)
+    >>> plans = rule.plan({'w': jnp.zeros((16, 32)), 'b': jnp.zeros(32)})
+    >>> plans['w'].side, plans['w'].rank
+    ('left', 4)
+    >>> plans['b'].reason
+    'not a matrix: ndim 1'
   """
 
   rank: int
@@ -176,18 +185,23 @@ class ProjectionRule:
     """The plan of one leaf, ignoring the projection mask."""
     shape = tuple(shape)
     if len(shape) < 2:
-      return LeafPlan(path, shape)
+      return LeafPlan(path, shape, reason=f'not a matrix: ndim {len(shape)}')
     m, n = shape[-2:]
     small, large = min(m, n), max(m, n)
     if small < max(self.min_dim, 1):
-      return LeafPlan(path, shape)
+      return LeafPlan(path, shape, reason=(
+          f'too small: smaller side {small} < min_dim {self.min_dim}'))
     ratio = self.max_aspect_ratio
     if ratio is not None and large > ratio * small:
-      return LeafPlan(path, shape)
+      return LeafPlan(path, shape, reason=(
+          f'too elongated: aspect ratio {large / small:.3g} >'
+          f' max_aspect_ratio {ratio:g}'))
     side = self._side(m, n)
     dim = m if side == 'left' else n
     if self.rank >= dim:
-      return LeafPlan(path, shape)
+      return LeafPlan(path, shape, reason=(
+          f'rank not below the dimension: rank {self.rank} >= side'
+          f' {side!r} of size {dim}'))
     return LeafPlan(path, shape, side, self.rank)
 
   def _side(self, m: int, n: int) -> Literal['left', 'right']:
@@ -213,7 +227,8 @@ class ProjectionRule:
       path = jax.tree_util.keystr(key_path)
       plan = self.leaf_plan(path, np.shape(leaf))
       if not keep:
-        plan = LeafPlan(path, plan.shape)
+        plan = LeafPlan(path, plan.shape,
+                        reason='masked out: projection_mask is False')
       if plan.projected:
         validation.check_real_float_leaf(
             path, leaf, 'low-rank projection',
@@ -221,6 +236,95 @@ class ProjectionRule:
         )
       plans.append(plan)
     return jax.tree.unflatten(treedef, plans)
+
+
+# ------------------------------------------------ what was projected, told
+
+MIN_PROJECTED_FRACTION = 0.25
+"""`init` warns when a transform projects less than this share of values."""
+
+
+class LowCompressionWarning(UserWarning):
+  """A compressing transform leaves most of the parameters full-size."""
+
+
+# Set by `recording_plans`: where announced plans go instead of warnings.
+_RECORDER: contextvars.ContextVar[list[tuple[str, Any]] | None] = (
+    contextvars.ContextVar('flora_jax_plan_recorder', default=None)
+)
+
+
+@contextlib.contextmanager
+def recording_plans() -> Iterator[list[tuple[str, Any]]]:
+  """Collects ``(transform, plans)`` of every `init` run inside the block."""
+  records: list[tuple[str, Any]] = []
+  token = _RECORDER.set(records)
+  try:
+    yield records
+  finally:
+    _RECORDER.reset(token)
+
+
+def plan_announcer(
+    transform: str, kept_full: str = 'its state for the rest is full-size'
+) -> Callable[[Any], None]:
+  """What a projecting transform's `init` calls with its final plans.
+
+  Inside `recording_plans` (how `flora_jax.memory.memory_report` learns
+  each leaf's plan) the plans are recorded. Otherwise the first `init`
+  that projects less than `MIN_PROJECTED_FRACTION` of the values warns,
+  naming the causes: a silent fall back to full-size state is how a
+  "compressed" optimizer ends up using Adam's memory unnoticed.
+
+  Args:
+    transform: the transform's name, for the warning.
+    kept_full: what happens to the leaves that are not projected.
+  """
+  warned = False
+
+  def announce(plans: Any) -> None:
+    nonlocal warned
+    records = _RECORDER.get()
+    if records is not None:
+      records.append((transform, plans))
+    elif not warned:
+      warned = _warn_if_little_projected(transform, kept_full, plans)
+
+  return announce
+
+
+def _warn_if_little_projected(transform: str, kept_full: str,
+                              plans: Any) -> bool:
+  leaves = jax.tree.leaves(plans)
+  total = sum(math.prod(plan.shape) for plan in leaves)
+  projected = sum(math.prod(plan.shape) for plan in leaves if plan.projected)
+  if total == 0 or projected >= MIN_PROJECTED_FRACTION * total:
+    return False
+  causes: dict[str, list[int]] = {}
+  for plan in leaves:
+    if not plan.projected:
+      cause = (plan.reason or 'unknown').split(':')[0]
+      count_and_values = causes.setdefault(cause, [0, 0])
+      count_and_values[0] += 1
+      count_and_values[1] += math.prod(plan.shape)
+  listed = '; '.join(
+      f'{cause} ({count} {"leaf" if count == 1 else "leaves"},'
+      f' {values:,} values)'
+      for cause, (count, values) in sorted(
+          causes.items(), key=lambda item: -item[1][1])
+  )
+  share = (f'projects only {100 * projected / total:.1f}% of the parameter'
+           ' values' if projected else 'projects none of the parameters')
+  warnings.warn(
+      f'{transform} {share} ({sum(p.projected for p in leaves)} of'
+      f' {len(leaves)} leaves): {kept_full}. Not projected: {listed}.'
+      ' flora_jax.memory_report(tx, params) lists every leaf and why;'
+      ' the ProjectionRule (rank, min_dim,'
+      ' max_aspect_ratio, projection_mask) decides.',
+      LowCompressionWarning,
+      stacklevel=4,
+  )
+  return True
 
 
 def _mask_leaves(mask: MaskOrFn, tree: Any) -> list[bool]:

@@ -66,12 +66,6 @@ def _check_side(side: str) -> None:
   validation.check_choice('side', side, _SIDES)
 
 
-def _spec(x: jax.Array) -> tuple[Any, ...]:
-  """The mesh axes of each axis of ``x`` in its type (Explicit sharding)."""
-  spec = tuple(getattr(jax.typeof(x).sharding, 'spec', ()) or ())
-  return spec + (None,) * (x.ndim - len(spec))
-
-
 def _reduced_sharding(contracted: tuple[Any, ...], kept: tuple[Any, ...]):
   """``out_sharding`` of a product whose contracted axis may be sharded.
 
@@ -108,7 +102,7 @@ def project_down(q: jax.Array, x: jax.Array, side: str) -> jax.Array:
   """
   _check_side(side)
   x = x.astype(q.dtype)
-  x_spec, q_spec = _spec(x), _spec(q)
+  x_spec, q_spec = compat.explicit_spec(x), compat.explicit_spec(q)
   if side == 'left':
     out = _reduced_sharding((x_spec[-2], q_spec[-2]),
                             x_spec[:-2] + (None, x_spec[-1]))
@@ -155,7 +149,7 @@ def project_up(q: jax.Array, c: jax.Array, side: str) -> jax.Array:
   """
   _check_side(side)
   c = c.astype(q.dtype)
-  q_spec, c_spec = _spec(q), _spec(c)
+  q_spec, c_spec = compat.explicit_spec(q), compat.explicit_spec(c)
   if side == 'left':
     out = _outer_sharding(c_spec[:-2], q_spec[-2], c_spec[-1])
     return jnp.einsum('...mr,...rn->...mn', q, c, out_sharding=out)
@@ -223,10 +217,10 @@ def change_basis(
   """
   _check_side(side)
   validation.check_bool('least_squares', least_squares)
-  transition = _gram(q_new, q_old)
+  transition = gram(q_new, q_old)
   if least_squares:
     # G⁻¹ O with G = Q_newᵀ Q_new: r x r, so C keeps its sharding.
-    transition = jnp.linalg.solve(_gram(q_new, q_new), transition)
+    transition = jnp.linalg.solve(gram(q_new, q_new), transition)
   c = c.astype(q_new.dtype)
   if side == 'left':
     return jnp.einsum('...rs,...sn->...rn', transition, c)
@@ -234,9 +228,13 @@ def change_basis(
   return jnp.einsum('...ms,...rs->...mr', c, transition)
 
 
-def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
-  """``aᵀ b`` over the full-size axis, ``(..., r, r)``, replicated."""
-  a_spec, b_spec = _spec(a), _spec(b)
+def gram(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``aᵀ b`` over the full-size axis of two projectors, ``(..., r, r)``.
+
+  Replicated, also where the full-size axis is sharded (Explicit sharding
+  needs the layout of a product over a sharded axis spelled out).
+  """
+  a_spec, b_spec = compat.explicit_spec(a), compat.explicit_spec(b)
   return jnp.einsum(
       '...dr,...ds->...rs', a, b.astype(a.dtype),
       out_sharding=_reduced_sharding((a_spec[-2], b_spec[-2]),
@@ -290,7 +288,7 @@ def gather_matrix_axes(x: jax.Array) -> jax.Array:
   Auto axes the compiler inserts the gather itself, so ``x`` is returned
   as it is.
   """
-  spec = _spec(x)
+  spec = compat.explicit_spec(x)
   if spec[-2] is None and spec[-1] is None:
     return x
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec[:-2], None,

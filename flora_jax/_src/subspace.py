@@ -30,6 +30,7 @@ import optax
 from flora_jax._src import compat
 from flora_jax._src import deprecation
 from flora_jax._src import keys
+from flora_jax._src import projection
 from flora_jax._src import projectors
 from flora_jax._src import settings
 from flora_jax._src import tree_util
@@ -187,9 +188,14 @@ def scale_by_galore(
     return dict(plans=plans, update_proj_gap=update_proj_gap,
                 projector=projector)
 
+  announce = projection.plan_announcer(
+      'flora_jax.scale_by_fira' if residual else 'flora_jax.scale_by_galore'
+  )
+
   def init_fn(params):
     params = tree_util.unwrap_variables(params)
     plans = plan(params)
+    announce(plans)
     return _initial_state(inner, plans, source, residual, key, params,
                           settings.record(**recorded_settings(plans)))
 
@@ -359,7 +365,9 @@ def _unproject_where_state_grows(plans, tree, inner, source, residual):
     path = tree_util.path_parts(key_path)
     if low_bytes[path] + extra <= full_bytes[path]:
       return plan
-    return LeafPlan(plan.path, plan.shape)
+    return LeafPlan(plan.path, plan.shape, reason=(
+        f'no saving: projected, its state would take'
+        f' {low_bytes[path] + extra:,} bytes, {full_bytes[path]:,} full-size'))
 
   return jax.tree.map_with_path(keep, plans)
 
@@ -455,34 +463,45 @@ class _FittedProjectors:
   def advance(self, plans, updates, state, gap, transfer_moments):
     scheduled = state.count % gap == 0
     refresh_index = state.count // gap
-    missing = jax.tree.map(_never_fitted, plans, state.projectors)
-    any_missing = jnp.any(
-        jnp.stack([jnp.any(m) for m in jax.tree.leaves(missing)] or [False])
-    )
 
-    def refit(plan, g, q_old, missing_slices):
+    def refit(plan, g, q_old):
+      """One leaf's projectors; the factorisation runs only when due."""
       if not plan.projected:
         return q_old
-      q_new = self.fit(
-          plan, g, keys.projection_key(state.key, plan.path, refresh_index)
-      )
-      usable = jnp.all(jnp.isfinite(g), axis=(-2, -1)) & jnp.any(
-          g != 0, axis=(-2, -1)
-      )
-      usable &= jnp.all(jnp.isfinite(q_new), axis=(-2, -1))
-      take = usable & (scheduled | missing_slices)
-      return jnp.where(take[..., None, None], q_new, q_old)
+      missing = jnp.all(q_old == 0, axis=(-2, -1))  # per stacked slice
 
-    def refresh(old, inner_state):
-      new = jax.tree.map(refit, plans, updates, old, missing)
-      if transfer_moments:
-        inner_state = _transfer_first_moments(inner_state, plans, old, new)
-      return new, inner_state
+      def fit(g, q_old):
+        q_new = self.fit(
+            plan, g, keys.projection_key(state.key, plan.path, refresh_index)
+        )
+        usable = jnp.all(jnp.isfinite(g), axis=(-2, -1)) & jnp.any(
+            g != 0, axis=(-2, -1)
+        )
+        usable &= jnp.all(jnp.isfinite(q_new), axis=(-2, -1))
+        take = usable & (scheduled | missing)
+        return jnp.where(take[..., None, None], q_new, q_old)
 
-    stored, inner_state = compat.cond(
-        scheduled | any_missing, refresh, lambda *args: args,
-        state.projectors, state.inner_state,
-    )
+      # One branch per leaf, not one for all: a single branch would need
+      # every gradient at once and keep them all, and every leaf's SVD
+      # outputs, alive until the last factorisation ends.
+      return compat.cond(scheduled | jnp.any(missing), fit,
+                         lambda g, q_old: q_old, g, q_old)
+
+    stored = jax.tree.map(refit, plans, updates, state.projectors)
+    inner_state = state.inner_state
+    if transfer_moments:
+      # Unchanged leaves have q_old == q_new: moving their moments is a
+      # no-op, so one branch for the whole state is exact.
+      missing = jax.tree.map(_never_fitted, plans, state.projectors)
+      any_missing = jnp.any(jnp.stack(
+          [jnp.any(m) for m in jax.tree.leaves(missing)] or [False]))
+      inner_state = compat.cond(
+          scheduled | any_missing,
+          lambda s: _transfer_first_moments(s, plans, state.projectors,
+                                            stored),
+          lambda s: s,
+          inner_state,
+      )
     return stored, stored, inner_state
 
 
@@ -497,15 +516,16 @@ class _RegeneratedProjectors:
     return optax.MaskedNode()
 
   def advance(self, plans, updates, state, gap, transfer_moments):
-    del updates
     scheduled = state.count % gap == 0
     index = state.count // gap
 
     def regenerate(index):
+      # Each leaf's projector waits for its gradient (see `compat.after`).
       return jax.tree.map(
-          lambda plan: projectors.random_projector(state.key, plan, index)
+          lambda plan, g: projectors.random_projector(
+              state.key, plan, compat.after(index, g))
           if plan.projected else None,
-          plans,
+          plans, updates,
       )
 
     current = regenerate(index)

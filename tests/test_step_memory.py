@@ -1,0 +1,113 @@
+"""A compiled train step holds no more temporary memory than AdamW's.
+
+The optimizer state of the projecting transforms is small; what must not
+grow instead is the rest of the step. These tests compile (never run) one
+donated train step of a small multi-layer language model and compare XLA's
+``memory_analysis().temp_size_in_bytes`` with the same step under
+`optax.adamw`, in the two regimes a step can be in:
+
+* activations dominate (a real batch): every transform's temporaries are
+  AdamW's, up to the update of the one leaf whose gradient arrives at the
+  activation peak (the output head's, first in the backward pass), which
+  may need two full-size buffers (its up-projection and its output);
+* parameters dominate (a tiny batch, or a large model with activation
+  checkpointing): a projecting update needs a few full-size buffers of the
+  leaf it is updating (its projection, its output), where AdamW updates in
+  place; what must not happen is that of many leaves at once.
+
+Before this was checked, Flora's step computed every leaf's up-projected
+momentum before the backward pass and held them all through it, and
+GaLore/Fira's refresh held every gradient and every SVD at once.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import flora_jax
+
+RANK = 32
+
+
+def _model(d, ffn, layers, vocab):
+  shape = jax.ShapeDtypeStruct
+  return {
+      'embed': shape((vocab, d), jnp.float32),
+      'blocks': [{'up': shape((d, ffn), jnp.float32),
+                  'down': shape((ffn, d), jnp.float32),
+                  'norm': shape((d,), jnp.float32)} for _ in range(layers)],
+      'head': shape((d, vocab), jnp.float32),
+  }
+
+
+def _loss(params, tokens):
+  x = params['embed'][tokens[:, :-1]]
+  for block in params['blocks']:
+    h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+    x = x + jax.nn.gelu((h * block['norm']) @ block['up']) @ block['down']
+  logits = x @ params['head']
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, tokens[:, 1:]).mean()
+
+
+def _temporaries(tx, params, batch, seq):
+  def step(params, state, tokens):
+    grads = jax.grad(_loss)(params, tokens)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+  state = jax.eval_shape(tx.init, params)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, tokens).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+TRANSFORMS = {
+    'flora': lambda: flora_jax.flora(1e-3, rank=RANK),
+    'flora, bf16 momentum': lambda: flora_jax.flora(
+        1e-3, rank=RANK, momentum_dtype=jnp.bfloat16),
+    'flora, nesterov': lambda: flora_jax.flora(1e-3, rank=RANK, nesterov=True),
+    'galore': lambda: flora_jax.galore(1e-3, rank=RANK),
+    'fira': lambda: flora_jax.fira(1e-3, rank=RANK),
+    'FloraMultiSteps(adamw)': lambda: flora_jax.FloraMultiSteps(
+        optax.adamw(1e-3), 4, RANK),
+    'flora_compress + adam': lambda: optax.chain(
+        flora_jax.flora_compress(RANK), optax.adam(1e-3)),
+}
+
+# (d, ffn, layers, vocab), batch, seq: every matrix has sides >= 128, so
+# every one of them is projected at rank 32.
+REGIMES = {
+    'activations dominate': ((128, 384, 3, 512), 8, 128),
+    'parameters dominate': ((256, 768, 3, 1000), 2, 32),
+}
+# How many full-size buffers of the largest leaf a step may hold beyond
+# AdamW's, per regime (see the module docstring).
+ALLOWANCE = {'activations dominate': 2, 'parameters dominate': 4}
+
+
+@pytest.fixture(scope='module')
+def adamw_temporaries():
+  return {
+      regime: _temporaries(optax.adamw(1e-3), _model(*shape), batch, seq)
+      for regime, (shape, batch, seq) in REGIMES.items()
+  }
+
+
+@pytest.mark.parametrize('regime', REGIMES)
+@pytest.mark.parametrize('name', TRANSFORMS)
+def test_step_temporaries_are_adamws(name, regime, adamw_temporaries):
+  shape, batch, seq = REGIMES[regime]
+  params = _model(*shape)
+  largest = max(math.prod(x.shape) * 4 for x in jax.tree.leaves(params))
+  ours = _temporaries(TRANSFORMS[name](), params, batch, seq)
+  allowed = adamw_temporaries[regime] + ALLOWANCE[regime] * largest
+  assert ours <= allowed, (
+      f'{name}: {ours:,} bytes of temporaries, AdamW'
+      f' {adamw_temporaries[regime]:,} (+{ALLOWANCE[regime]} x {largest:,}'
+      ' allowed)'
+  )
