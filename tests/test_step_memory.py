@@ -13,7 +13,11 @@ donated train step of a small multi-layer language model and compare XLA's
 * parameters dominate (a tiny batch, or a large model with activation
   checkpointing): a projecting update needs a few full-size buffers of the
   leaf it is updating (its projection, its output), where AdamW updates in
-  place; what must not happen is that of many leaves at once.
+  place; what must not happen is that of many leaves at once;
+* layers stacked into ``(L, m, n)`` leaves and scanned, as large JAX models
+  are written: a stacked leaf's update may hold up to two stack-sized
+  buffers (Adafactor's normalised update, the output), not one per slice
+  operation (GaLore's SVD of the whole stack held several).
 
 Before this was checked, Flora's step computed every leaf's up-projected
 momentum before the backward pass and held them all through it, and
@@ -43,11 +47,30 @@ def _model(d, ffn, layers, vocab):
   }
 
 
+def _stacked_model(d, ffn, layers, vocab):
+  """The same model with its blocks stacked on a leading layer axis."""
+  blocks = _model(d, ffn, layers, vocab)['blocks']
+  stacked = jax.tree.map(
+      lambda *leaves: jax.ShapeDtypeStruct(
+          (len(leaves),) + leaves[0].shape, leaves[0].dtype),
+      *blocks)
+  return {**_model(d, ffn, 1, vocab), 'blocks': stacked}
+
+
+def _block(x, block):
+  h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+  return x + jax.nn.gelu((h * block['norm']) @ block['up']) @ block['down']
+
+
 def _loss(params, tokens):
   x = params['embed'][tokens[:, :-1]]
-  for block in params['blocks']:
-    h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
-    x = x + jax.nn.gelu((h * block['norm']) @ block['up']) @ block['down']
+  if isinstance(params['blocks'], list):
+    for block in params['blocks']:
+      x = _block(x, block)
+  else:  # stacked: scanned, each layer recomputed in the backward pass
+    x, _ = jax.lax.scan(
+        jax.checkpoint(lambda x, block: (_block(x, block), None)), x,
+        params['blocks'])
   logits = x @ params['head']
   return optax.softmax_cross_entropy_with_integer_labels(
       logits, tokens[:, 1:]).mean()
@@ -79,30 +102,33 @@ TRANSFORMS = {
         flora_jax.flora_compress(RANK), optax.adam(1e-3)),
 }
 
-# (d, ffn, layers, vocab), batch, seq: every matrix has sides >= 128, so
-# every one of them is projected at rank 32.
+# model, (d, ffn, layers, vocab), batch, seq: every matrix has sides >= 128,
+# so every one of them is projected at rank 32.
 REGIMES = {
-    'activations dominate': ((128, 384, 3, 512), 8, 128),
-    'parameters dominate': ((256, 768, 3, 1000), 2, 32),
+    'activations dominate': (_model, (128, 384, 3, 512), 8, 128),
+    'parameters dominate': (_model, (256, 768, 3, 1000), 2, 32),
+    'stacked layers': (_stacked_model, (256, 768, 6, 1000), 2, 64),
 }
 # How many full-size buffers of the largest leaf a step may hold beyond
-# AdamW's, per regime (see the module docstring).
-ALLOWANCE = {'activations dominate': 2, 'parameters dominate': 4}
+# AdamW's, per regime (see the module docstring). Stacked, the largest leaf
+# is a whole (L, m, n) stack.
+ALLOWANCE = {'activations dominate': 2, 'parameters dominate': 4,
+             'stacked layers': 2}
 
 
 @pytest.fixture(scope='module')
 def adamw_temporaries():
   return {
-      regime: _temporaries(optax.adamw(1e-3), _model(*shape), batch, seq)
-      for regime, (shape, batch, seq) in REGIMES.items()
+      regime: _temporaries(optax.adamw(1e-3), model(*shape), batch, seq)
+      for regime, (model, shape, batch, seq) in REGIMES.items()
   }
 
 
 @pytest.mark.parametrize('regime', REGIMES)
 @pytest.mark.parametrize('name', TRANSFORMS)
 def test_step_temporaries_are_adamws(name, regime, adamw_temporaries):
-  shape, batch, seq = REGIMES[regime]
-  params = _model(*shape)
+  model, shape, batch, seq = REGIMES[regime]
+  params = model(*shape)
   largest = max(math.prod(x.shape) * 4 for x in jax.tree.leaves(params))
   ours = _temporaries(TRANSFORMS[name](), params, batch, seq)
   allowed = adamw_temporaries[regime] + ALLOWANCE[regime] * largest
