@@ -124,8 +124,13 @@ def adamw_temporaries():
   }
 
 
-@pytest.mark.parametrize('regime', REGIMES)
-@pytest.mark.parametrize('name', TRANSFORMS)
+# Nesterov's output differs from the default's only in which momentum is
+# up-projected: checked where it once made a difference, not in every regime.
+CASES = [(name, regime) for regime in REGIMES for name in TRANSFORMS
+         if name != 'flora, nesterov' or regime == 'activations dominate']
+
+
+@pytest.mark.parametrize(('name', 'regime'), CASES)
 def test_step_temporaries_are_adamws(name, regime, adamw_temporaries):
   model, shape, batch, seq = REGIMES[regime]
   params = model(*shape)

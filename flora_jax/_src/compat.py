@@ -112,29 +112,30 @@ def each_slice(fn: Callable[..., Any], batch_shape: tuple[int, ...],
   """``fn`` applied to each slice of ``arrays`` along their leading axes.
 
   ``batch_shape`` is the stack's leading axes, shared by every array. The
-  slices run one after another
-  (`jax.lax.map`): an update of a stacked ``(L, m, n)`` leaf then holds one
-  slice's intermediates at a time, not the stack's (at LLaMA-7B a 5.4 GiB
-  stack; GaLore's float32 step kept 9 GiB more temporaries than AdamW's
-  with a batched SVD, none with this). It also keeps jaxlib's batched
-  LAPACK kernels (0.10) out of a process with several CPU devices, where
-  they fan out over the intra-op thread pool and block on it until the
-  step deadlocks.
+  slices run one after another (`jax.lax.map`): an update of a stacked
+  ``(L, m, n)`` leaf then holds one slice's intermediates at a time, not
+  the stack's (at LLaMA-7B a 5.4 GiB stack; GaLore's float32 step kept
+  9 GiB more temporaries than AdamW's with a batched SVD, none with this).
 
-  Under Explicit sharding of a leading axis the stack is processed at once,
-  so that each device keeps its own slices.
+  Where a leading axis is sharded (Explicit sharding) the stack runs
+  batched, so that each device keeps its own slices; except where several
+  CPU devices share this process: jaxlib's batched LAPACK kernels (0.10)
+  fan a batch out over the intra-op thread pool and block waiting for it,
+  so when every device enters one at once the pool starves and the step
+  deadlocks.
   """
-  if not batch_shape or any(
-      axis is not None
-      for array in arrays for axis in explicit_spec(array)[:len(batch_shape)]
-  ):
+  if not batch_shape:
     return fn(*arrays)
 
-  def flat(x):
-    return x.reshape((-1,) + x.shape[len(batch_shape):])
+  def one_at_a_time(*xs):
+    flat = [x.reshape((-1,) + x.shape[len(batch_shape):]) for x in xs]
+    out = jax.lax.map(lambda slices: fn(*slices), flat)
+    return jax.tree.map(lambda x: x.reshape(batch_shape + x.shape[1:]), out)
 
-  def unflat(x):
-    return x.reshape(batch_shape + x.shape[1:])
-
-  out = jax.lax.map(lambda xs: fn(*xs), [flat(x) for x in arrays])
-  return jax.tree.map(unflat, out)
+  sharded = any(axis is not None for array in arrays
+                for axis in explicit_spec(array)[:len(batch_shape)])
+  if not sharded:
+    return one_at_a_time(*arrays)
+  if not several_cpu_devices():
+    return fn(*arrays)
+  return jax.lax.platform_dependent(*arrays, cpu=one_at_a_time, default=fn)
