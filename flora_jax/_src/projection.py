@@ -295,11 +295,29 @@ def plan_announcer(
 
 def _warn_if_little_projected(transform: str, kept_full: str,
                               plans: Any) -> bool:
+  """Warns if less than `MIN_PROJECTED_FRACTION` is projected; says so."""
   leaves = jax.tree.leaves(plans)
   total = sum(math.prod(plan.shape) for plan in leaves)
   projected = sum(math.prod(plan.shape) for plan in leaves if plan.projected)
   if total == 0 or projected >= MIN_PROJECTED_FRACTION * total:
     return False
+  share = (f'projects only {100 * projected / total:.1f}% of the parameter'
+           ' values' if projected else 'projects none of the parameters')
+  warnings.warn(
+      f'{transform} {share} ({sum(p.projected for p in leaves)} of'
+      f' {len(leaves)} leaves): {kept_full}. Not projected:'
+      f' {_unprojected_by_cause(leaves)}.'
+      ' flora_jax.memory_report(tx, params) lists every leaf and why;'
+      ' the ProjectionRule (rank, min_dim, max_aspect_ratio,'
+      ' projection_mask) decides.',
+      LowCompressionWarning,
+      stacklevel=4,
+  )
+  return True
+
+
+def _unprojected_by_cause(leaves: list[LeafPlan]) -> str:
+  """``'too small (2 leaves, 8,192 values); ...'``, largest first."""
   causes: dict[str, list[int]] = {}
   for plan in leaves:
     if not plan.projected:
@@ -307,24 +325,12 @@ def _warn_if_little_projected(transform: str, kept_full: str,
       count_and_values = causes.setdefault(cause, [0, 0])
       count_and_values[0] += 1
       count_and_values[1] += math.prod(plan.shape)
-  listed = '; '.join(
+  return '; '.join(
       f'{cause} ({count} {"leaf" if count == 1 else "leaves"},'
       f' {values:,} values)'
       for cause, (count, values) in sorted(
           causes.items(), key=lambda item: -item[1][1])
   )
-  share = (f'projects only {100 * projected / total:.1f}% of the parameter'
-           ' values' if projected else 'projects none of the parameters')
-  warnings.warn(
-      f'{transform} {share} ({sum(p.projected for p in leaves)} of'
-      f' {len(leaves)} leaves): {kept_full}. Not projected: {listed}.'
-      ' flora_jax.memory_report(tx, params) lists every leaf and why;'
-      ' the ProjectionRule (rank, min_dim,'
-      ' max_aspect_ratio, projection_mask) decides.',
-      LowCompressionWarning,
-      stacklevel=4,
-  )
-  return True
 
 
 def _mask_leaves(mask: MaskOrFn, tree: Any) -> list[bool]:
