@@ -102,20 +102,11 @@ def each_matrix(
 ) -> jax.Array:
   """``fn`` applied to every stacked matrix of ``arrays`` (leading axes alike).
 
-  For the decompositions (SVD, QR) of a projector fit; see `each_slice`.
-  """
-  return each_slice(fn, arrays[0].shape[:-2], *arrays)
-
-
-def each_slice(fn: Callable[..., Any], batch_shape: tuple[int, ...],
-               *arrays: Any) -> Any:
-  """``fn`` applied to each slice of ``arrays`` along their leading axes.
-
-  ``batch_shape`` is the stack's leading axes, shared by every array. The
-  slices run one after another (`jax.lax.map`): an update of a stacked
-  ``(L, m, n)`` leaf then holds one slice's intermediates at a time, not
-  the stack's (at LLaMA-7B a 5.4 GiB stack; GaLore's float32 step kept
-  9 GiB more temporaries than AdamW's with a batched SVD, none with this).
+  For the decompositions (SVD, QR) of a projector fit. The slices run one
+  after another (`jax.lax.map`): the fit of a stacked ``(L, m, n)`` leaf
+  then holds one slice's intermediates at a time, not the stack's (at
+  LLaMA-7B a 5.4 GiB stack; GaLore's float32 step kept 9 GiB more
+  temporaries than AdamW's with a batched SVD, none with this).
 
   Where a leading axis is sharded (Explicit sharding) the stack runs
   batched, so that each device keeps its own slices; except where several
@@ -124,13 +115,14 @@ def each_slice(fn: Callable[..., Any], batch_shape: tuple[int, ...],
   so when every device enters one at once the pool starves and the step
   deadlocks.
   """
+  batch_shape = arrays[0].shape[:-2]
   if not batch_shape:
     return fn(*arrays)
 
   def one_at_a_time(*xs):
     flat = [x.reshape((-1,) + x.shape[len(batch_shape):]) for x in xs]
     out = jax.lax.map(lambda slices: fn(*slices), flat)
-    return jax.tree.map(lambda x: x.reshape(batch_shape + x.shape[1:]), out)
+    return out.reshape(batch_shape + out.shape[1:])
 
   sharded = any(axis is not None for array in arrays
                 for axis in explicit_spec(array)[:len(batch_shape)])

@@ -117,9 +117,7 @@ class FiraResidual:
       factor = phi
     else:
       norm = _residual_norm(side, g, q, low_rank, phi, c)
-      shrink = jnp.maximum(
-          norm / (self.growth_limit * (previous_norm + _LIMITER_EPS)), 1.0
-      )
+      shrink = _shrink(norm, previous_norm, self.growth_limit)
       factor = phi / shrink[..., None, None]
       previous_norm = norm / shrink
     # α up(N) + m lim(S) with m = 1 (code) or α (paper), written with one
@@ -154,19 +152,22 @@ def _residual_norm(side, g, q, low_rank, phi, c):
   return jnp.sqrt(total)
 
 
-def limit_growth(x, previous_norm, growth_limit, *, axes=None):
+def limit_growth(x, previous_norm, growth_limit):
   """Rescales ``x`` so that its norm is at most ``γ (previous + 1e-8)``.
 
-  Returns the limited ``x`` (float32) and its norm (over ``axes``; all if
-  None).
+  Returns the limited ``x`` (float32) and its norm.
   """
   x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axes))
-  shrink = jnp.maximum(
+  norm = jnp.sqrt(jnp.sum(jnp.square(x)))
+  shrink = _shrink(norm, previous_norm, growth_limit)
+  return x / shrink, norm / shrink
+
+
+def _shrink(norm, previous_norm, growth_limit):
+  """The limiter's divisor: ``max(||x|| / (γ (previous + 1e-8)), 1)``."""
+  return jnp.maximum(
       norm / (growth_limit * (previous_norm + _LIMITER_EPS)), 1.0
   )
-  shrink_b = jnp.expand_dims(shrink, axes) if axes is not None else shrink
-  return x / shrink_b, norm / shrink
 
 
 class LimitNormGrowthState(NamedTuple):

@@ -468,7 +468,7 @@ class _FittedProjectors:
       """One leaf's projectors; the factorisation runs only when due."""
       if not plan.projected:
         return q_old
-      missing = jnp.all(q_old == 0, axis=(-2, -1))  # per stacked slice
+      missing = _never_fitted(q_old)
 
       def fit(g, q_old):
         q_new = self.fit(
@@ -492,9 +492,14 @@ class _FittedProjectors:
     if transfer_moments:
       # Unchanged leaves have q_old == q_new: moving their moments is a
       # no-op, so one branch for the whole state is exact.
-      missing = jax.tree.map(_never_fitted, plans, state.projectors)
-      any_missing = jnp.any(jnp.stack(
-          [jnp.any(m) for m in jax.tree.leaves(missing)] or [False]))
+      any_missing = jnp.any(jnp.stack([
+          jnp.any(_never_fitted(q))
+          for plan, q in zip(jax.tree.leaves(plans),
+                             jax.tree.leaves(state.projectors,
+                                             is_leaf=_is_masked_node),
+                             strict=True)
+          if plan.projected
+      ] or [False]))
       inner_state = compat.cond(
           scheduled | any_missing,
           lambda s: _transfer_first_moments(s, plans, state.projectors,
@@ -568,9 +573,9 @@ def _projector_source(projector, canonical_signs, power_iterations,
   )
 
 
-def _never_fitted(plan: LeafPlan, q: Any):
+def _never_fitted(q: jax.Array) -> jax.Array:
   """Per stacked slice: True while the stored projector is all zeros."""
-  return jnp.all(q == 0, axis=(-2, -1)) if plan.projected else None
+  return jnp.all(q == 0, axis=(-2, -1))
 
 
 def _transfer_first_moments(inner_state, plans, old_projectors, new_projectors):
