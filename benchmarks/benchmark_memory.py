@@ -1,6 +1,6 @@
 """Memory of Flora, GaLore and Fira against optax baselines, without allocating.
 
-Three measurements; none allocates the arrays it measures, so a 7B model is
+Four measurements; none allocates the arrays it measures, so a 7B model is
 fine on a laptop:
 
 1. Optimizer-state bytes: ``jax.eval_shape(tx.init, params)`` on LLaMA-shaped
@@ -38,16 +38,28 @@ fine on a laptop:
    parameters. One table per model and dtype, with the gradients and the
    accelerators (24 / 40 / 80 GB) the step fits.
 
+4. Section 3's step against the fused one, `flora_jax.fused_train_step`
+   (the optimizer applied to each stacked layer inside the backward pass,
+   so the stacked gradient is never held whole), at 60M, 1B and 7B in
+   float32 and 7B in bfloat16, for AdamW, Flora, GaLore and Fira: both
+   peaks, the saving, and the saving as a share of (L-1)/L of the stack's
+   gradient bytes. Then the fused step with compressed gradient
+   accumulation (`flora_jax.FloraMultiSteps`, 4 micro-batches) against the
+   fused step without accumulation.
+
 Run it with
 
-  python benchmarks/benchmark_memory.py          # full: 5 minutes on 2 cores
-  python benchmarks/benchmark_memory.py --quick  # CI smoke mode, about 30 s
+  python benchmarks/benchmark_memory.py          # full: 8 minutes on 2 cores
+  python benchmarks/benchmark_memory.py --quick  # CI smoke mode, about 40 s
   python benchmarks/benchmark_memory.py --skip-step --peak-models 7B
+  python benchmarks/benchmark_memory.py --skip-step --skip-peak  # section 4
 
-Section 3 takes 4 of the full run's 5 minutes: 64 compilations (4 sizes, 2
+Section 3 takes 4 of the full run's 8 minutes: 64 compilations (4 sizes, 2
 dtypes, 8 optimizers) of 1 to 8 s each, whatever the size; the process
 stays under 1.2 GB of host memory, 7B included. With --quick it compiles
-2 optimizers for a 2-layer bfloat16 model instead.
+2 optimizers for a 2-layer bfloat16 model instead. Section 4 takes 3
+minutes, 36 compilations of 2 to 7 s; with --quick, 3 for a 16-layer
+float32 model (AdamW ordinary and fused, FloraMultiSteps fused).
 
 It needs the examples' support package, ``flora_jax_examples`` (the LLaMA
 model and the tables, in ``examples/flora_jax_examples/llama.py`` and
@@ -107,6 +119,16 @@ PEAK_BATCH, PEAK_SEQ_LEN = 1, 2048
 QUICK_PEAK_MODEL = llama.StepModel('tiny LLaMA', 256, 688, 2, 8000, 1, 128,
                                    64, jnp.bfloat16, stacked=True, remat=True)
 QUICK_PEAK_DTYPES = (jnp.bfloat16,)
+
+
+# Section 4: the ordinary step of section 3 against the fused one
+# (`flora_jax.fused_train_step`), float32; bfloat16 too for FUSED_BF16_MODELS.
+FUSED_MODELS = ('60M', '1B', '7B')
+FUSED_BF16_MODELS = ('7B',)
+# Quick mode: 16 small layers, stacked, whose gradient (40 MiB) is most of
+# the step's temporaries (vocab 512, 64 tokens): adamw and flora only.
+QUICK_FUSED_MODEL = llama.StepModel('tiny LLaMA', 256, 512, 16, 512, 1, 64,
+                                    32, stacked=True, remat=True)
 
 
 def peak_rank(model: str) -> int:
@@ -245,6 +267,71 @@ Notes on the peak tables:
   by up to tens of GiB at 7B for the optimizers with per-matrix work
   (Adafactor, Flora, GaLore, Fira), not always downwards, so their
   "% of AdamW peak" depends on the schedule too."""
+
+
+def fused_notes(models: list[llama.StepModel]) -> str:
+  k, rank = memory_tables.ACCUMULATION_STEPS, memory_tables.ACCUMULATION_RANK
+  model = models[0]
+  ranks = ', '.join(dict.fromkeys(f'{m.rank} at {m.name}' for m in models))
+  return f"""\
+Notes on the fused tables:
+
+* The figures: XLA's `memory_analysis()` of the compiled step, on the
+  backend in the header (CPU here), as in sections 2 and 3: compiled for
+  abstract inputs, never run, nothing allocated. Peak estimate = arguments
+  + outputs - aliased + temporaries. Batch {model.batch} x {model.seq_len} \
+tokens; rank {ranks}.
+* "ordinary": section 3's step, stacked + scanned + checkpointed
+  (`jax.value_and_grad` of the loss, `tx.update` on the whole gradient
+  tree, `optax.apply_updates`). "fused": `flora_jax.fused_train_step` of
+  the same model and loss (`llama.fused_train_step_fn`): a reverse scan
+  that recomputes each layer from its saved input, takes its gradient with
+  `jax.vjp` and updates that layer's slices of the parameters and the
+  optimizer state in place. Both `jax.jit(..., donate_argnums=(0, 1))`;
+  the persistent part (parameters + optimizer state) is the same.
+* "stack gradient": the bytes of `params['layers']` in the parameters'
+  dtype, the stacked gradient the ordinary step holds whole at the
+  update. The fused step holds one layer's gradient at a time, so it is
+  expected to save about (L-1)/L of it; the last column is saving /
+  ((L-1)/L x stack gradient), 1.00 for exactly that (the goal was >= 0.8).
+* Above 1 for `flora` and `fira`: their ordinary update has stack-sized
+  intermediates of its own (section 3's "activations and other
+  temporaries"), which the fused step also only has for one layer.
+* Where the peaks are, in the full run (read from
+  `XLA_FLAGS=--xla_dump_to=DIR`: the compiled module's
+  `*buffer-assignment.txt` and `*live-range.txt`). 7B float32, AdamW:
+  the ordinary step peaks in the backward scan, its stacked gradient
+  buffers (24.1 GiB) live with one layer's recomputed attention (four
+  64 x 2048 x 2048 float32 buffers, 4 GiB) and the saved residual
+  streams (1 GiB); the fused step peaks at the same point of a layer
+  (8.1 GiB of temporaries: the attention buffers, the residual streams,
+  the embedding's gradient, one layer's parameter slices and update).
+  60M float32: the stack is small (0.09 GiB); the ordinary step peaks at
+  the head, the logits and their softmax (2 x 2048 x 32000 float32, 0.49
+  GiB) with the zeroed stacked-gradient buffers already allocated, the
+  fused step inside a layer's attention backward (4 x 8 x 2048 x 2048
+  float32, 0.5 GiB): the saving is 8% of the peak, and more than the
+  stack gradient because the two peaks are at different points.
+* bfloat16 on CPU: XLA's CPU backend computes bfloat16 dots in float32
+  and converts the forward scan's stacked bfloat16 matrices to float32
+  before the loop, so the fused step's temporaries peak in the forward
+  scan, holding a float32 copy of every stacked matrix (24.1 GiB at 7B).
+  The program JAX emits has no such copy, and a bfloat16-native backend
+  would not make one (the ordinary step's widened gradient buffers are
+  the same effect, see section 3's notes).
+* Accumulation: `flora_jax.FloraMultiSteps(optax.adamw, {k},
+  rule=flora_jax.ProjectionRule({rank}))`, fused (each layer's gradient
+  compressed and added to its accumulator inside the backward pass, the
+  inner AdamW applied once per cycle), against the fused non-accumulating
+  AdamW step; both branches (accumulate, and apply at the cycle's end) are
+  compiled. The difference is the accumulator, in the optimizer state:
+  rank-{rank} sketches of the projected matrices (0.75 GiB at 7B) and
+  exact sums of the leaves it does not project (the norms, and the
+  embedding and head, vocab x d, aspect ratio above 4: 0.98 GiB at 7B),
+  float32 whatever the parameters' dtype; the temporaries are the same
+  or slightly smaller. Relative to
+  the peak it shrinks with the model: at 60M the exact sums of the
+  embedding and head (0.12 GiB) are most of it."""
 
 
 # ------------------------------------------------------------------- plots
@@ -390,6 +477,41 @@ def plot_peaks(results, path) -> None:
   plt.close(fig)
 
 
+def plot_fused(rows, path) -> None:
+  """Ordinary against fused peak, one panel per model and dtype."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  models = list(dict.fromkeys(row.model for row in rows))
+  fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 5),
+                           squeeze=False)
+  for ax, model in zip(axes[0], models, strict=True):
+    panel = [row for row in rows if row.model == model]
+    unit, scale = ('GiB', GIB) if max(
+        row.ordinary.peak for row in panel) >= GIB else ('MiB', MIB)
+    xs = np.arange(len(panel))
+    ax.bar(xs - 0.2, [row.ordinary.peak / scale for row in panel], 0.4,
+           label='ordinary')
+    bars = ax.bar(xs + 0.2, [row.fused.peak / scale for row in panel], 0.4,
+                  label='fused')
+    for bar, row in zip(bars, panel, strict=True):
+      ax.annotate(f'{row.ratio:.2f}', (bar.get_x() + bar.get_width() / 2,
+                                       bar.get_height()),
+                  ha='center', va='bottom', fontsize=8)
+    ax.set_xticks(xs, [row.label.removeprefix('flora_jax.')
+                       .removeprefix('optax.') for row in panel])
+    ax.set_ylabel(f'peak estimate ({unit})')
+    ax.set_title(f'{model.name}, {jnp.dtype(model.dtype).name}')
+    ax.margins(y=0.1)
+    ax.grid(True, axis='y', alpha=0.3)
+  axes[0][-1].legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+  fig.suptitle('Compiled train-step peak, ordinary vs fused per-layer '
+               f'updates ({jax.default_backend()}); above the bars: saving '
+               '/ ((L-1)/L x stack gradient)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 # -------------------------------------------------------------------- main
 
 
@@ -404,12 +526,12 @@ def environment() -> str:
       f'x{jax.device_count()}, {os.cpu_count()} CPU cores'
   )
   # Scheduler flags change the compiled temporaries, so they are part of the
-  # provenance of sections 2 and 3.
+  # provenance of sections 2 to 4.
   if os.environ.get('XLA_FLAGS'):
     text += f'; XLA_FLAGS={os.environ["XLA_FLAGS"]}'
   return text + (
-      '.\nSection 1 is shapes only (the same on any device); sections 2 and'
-      " 3 are what this backend's compiler assigns.")
+      '.\nSection 1 is shapes only (the same on any device); sections 2 to'
+      " 4 are what this backend's compiler assigns.")
 
 
 def require_matplotlib() -> None:
@@ -429,6 +551,66 @@ def section3_models(args) -> list[llama.StepModel]:
   dtypes = QUICK_PEAK_DTYPES if args.quick else PEAK_DTYPES
   return [peak_step_model(model, dtype) for dtype in dtypes
           for model in args.peak_models or PEAK_MODELS]
+
+
+def fused_step_models(args) -> list[llama.StepModel]:
+  """The models of section 4: float32, then bfloat16 for FUSED_BF16_MODELS."""
+  if args.quick and not args.fused_models:
+    return [QUICK_FUSED_MODEL]
+  names = args.fused_models or FUSED_MODELS
+  models = [peak_step_model(name, jnp.float32) for name in names]
+  if not args.quick:
+    models += [peak_step_model(name, jnp.bfloat16) for name in names
+               if name in FUSED_BF16_MODELS]
+  return models
+
+
+def fused_command(args) -> str:
+  """The command line that reproduces section 4 alone."""
+  command = 'python benchmarks/benchmark_memory.py --skip-step --skip-peak'
+  if args.quick:
+    command += ' --quick'
+  if args.fused_models:
+    command += ' --fused-models ' + ' '.join(args.fused_models)
+  return command
+
+
+def fused_section(args, emit) -> list[memory_tables.FusedComparison]:
+  """Section 4: each optimizer's ordinary and fused step, and accumulation."""
+  emit('## 4. Fused per-layer updates (`flora_jax.fused_train_step`), '
+       'ordinary vs fused\n')
+  emit(f'`{fused_command(args)}`\n')
+  start = time.perf_counter()
+  models = fused_step_models(args)
+  acc_label, accumulating = memory_tables.accumulation_optimizer()
+  rows, accumulation = [], []
+  for model in models:
+    name = f'{model.name} {jnp.dtype(model.dtype).name}'
+    for label, optimizer in memory_tables.fused_optimizers(
+        model.rank, args.quick).items():
+      ordinary = llama.compile_step_memory(model, optimizer)
+      fused = llama.compile_step_memory(model, optimizer, fused=True)
+      rows.append(memory_tables.FusedComparison(model, label, ordinary,
+                                                fused))
+      print(f'  compiled {name} {label}: ordinary in '
+            f'{ordinary.compile_seconds:.1f} s, fused in '
+            f'{fused.compile_seconds:.1f} s', file=sys.stderr, flush=True)
+    plain = next(row.fused for row in rows
+                 if row.model == model and row.label == 'optax.adamw')
+    accumulation.append(memory_tables.AccumulationComparison(
+        model, plain,
+        llama.compile_step_memory(model, accumulating, fused=True)))
+    print(f'  compiled {name} fused {acc_label} in '
+          f'{accumulation[-1].accumulating.compile_seconds:.1f} s',
+          file=sys.stderr, flush=True)
+  emit(memory_tables.fused_table(rows) + '\n')
+  emit('Compressed gradient accumulation in the fused step, against the '
+       'fused step without accumulation:\n')
+  emit(memory_tables.accumulation_table(accumulation, acc_label) + '\n')
+  emit(fused_notes(models) + '\n')
+  emit(f'Section 4: {2 * len(rows) + len(accumulation)} compilations in '
+       f'{time.perf_counter() - start:.1f} s.\n')
+  return rows
 
 
 def main(argv=None) -> None:
@@ -451,6 +633,13 @@ def main(argv=None) -> None:
                       'a 2-layer model with --quick)')
   parser.add_argument('--skip-peak', action='store_true',
                       help='skip section 3 (the peak tables)')
+  parser.add_argument('--fused-models', nargs='+',
+                      choices=tuple(llama.LLAMA_SHAPES),
+                      help='section 4 model sizes (default 60M 1B 7B, and 7B '
+                      'in bfloat16; a 16-layer tiny model, AdamW only, with '
+                      '--quick)')
+  parser.add_argument('--skip-fused', action='store_true',
+                      help='skip section 4 (ordinary vs fused step)')
   args = parser.parse_args(argv)
   require_matplotlib()  # before minutes of work, not after
   # The tables include settings that project nothing on purpose (rank 512
@@ -520,6 +709,11 @@ def main(argv=None) -> None:
     emit(peak_notes(peak_models[0]) + '\n')
     pngs.append(out / 'train_step_peak.png')
     plot_peaks(peaks, pngs[-1])
+
+  if not args.skip_fused:
+    fused_rows = fused_section(args, emit)
+    pngs.append(out / 'fused_step_peak.png')
+    plot_fused(fused_rows, pngs[-1])
 
   emit(f'Wall time {time.perf_counter() - start:.1f} s.')
   (out / 'memory.md').write_text('\n'.join(report) + '\n')

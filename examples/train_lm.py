@@ -16,6 +16,12 @@ Run::
   python examples/train_lm.py --optimizer flora --rank 32 --steps 1000 \\
       --checkpoint-dir /tmp/lm_flora
   python examples/train_lm.py --optimizer fira --corpus stdlib --quick
+  python examples/train_lm.py --optimizer flora --fused   # fused updates
+
+With ``--fused`` the blocks are stacked and scanned, and the optimizer
+updates each block inside the backward pass: the blocks' gradient is never
+held as a whole (`flora_jax.nnx.fused_train_step`; README, "Optimizer in
+the backward pass").
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--checkpoint-dir', default=defaults.checkpoint_dir)
   p.add_argument('--checkpoint-every', type=int,
                  default=defaults.checkpoint_every)
+  p.add_argument('--fused', action='store_true',
+                 help='stacked, scanned blocks updated inside the backward'
+                 ' pass (flora_jax.nnx.fused_train_step)')
   p.add_argument('--quick', action='store_true', help='smoke test (CI)')
   return p
 

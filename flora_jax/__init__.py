@@ -25,6 +25,7 @@ from flora_jax._src.flora import flora_compress
 from flora_jax._src.flora import FloraCompressState
 from flora_jax._src.flora import FloraMomentumState
 from flora_jax._src.flora import scale_by_flora_momentum
+from flora_jax._src.fused import fused_train_step
 from flora_jax._src.lora_plus import lora_plus
 from flora_jax._src.memory import memory_report
 from flora_jax._src.projection import path_mask
@@ -37,7 +38,7 @@ from flora_jax._src.subspace import GaLoreState
 from flora_jax._src.subspace import scale_by_fira
 from flora_jax._src.subspace import scale_by_galore
 
-__version__ = '0.4.0'
+__version__ = '0.5.0'
 
 __all__ = (
     'FiraResidual',
@@ -53,6 +54,7 @@ __all__ = (
     'fira',
     'flora',
     'flora_compress',
+    'fused_train_step',
     'galore',
     'limit_norm_growth',
     'lora_plus',

@@ -1,4 +1,4 @@
-"""LoRA, LoRA-GA and LoRA+ for Flax NNX models (needs flax).
+"""LoRA, LoRA-GA, LoRA+ and fused train steps for Flax NNX (needs flax).
 
 * `add_lora` puts a scaled LoRA adapter (`ScaledLoRA`, `ScaledLoRAEmbed`) on
   the matching `flax.nnx.Linear` / `flax.nnx.Embed` layers of a model;
@@ -9,6 +9,8 @@
   relative to the original weights.
 * `lora_plus_labels` / `is_bias_or_norm`: the LoRA+ parameter groups used by
   the `flora_jax.lora_plus` optimizer.
+* `fused_train_step`: `flora_jax.fused_train_step` for a model whose blocks
+  are stacked with `flax.nnx.vmap` and its `nnx.Optimizer`.
 
 Import it under another name than flax's ``nnx``, e.g.
 ``from flora_jax import nnx as lora``.
@@ -21,6 +23,7 @@ except ImportError as _error:  # pragma: no cover - depends on the install
       'flora_jax.nnx needs flax: pip install "flora_jax[nnx]".'
   ) from _error
 
+from flora_jax._src.fused_nnx import fused_train_step
 from flora_jax._src.lora import add_lora
 from flora_jax._src.lora import apply_lora_delta
 from flora_jax._src.lora import lora_delta
@@ -44,6 +47,7 @@ __all__ = (
     'ScaledLoRAEmbed',
     'add_lora',
     'apply_lora_delta',
+    'fused_train_step',
     'is_bias_or_norm',
     'lora_delta',
     'lora_ga_init',

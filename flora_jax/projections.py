@@ -9,11 +9,13 @@ projector ``Q`` of shape ``(..., dim, r)`` and the two maps
   ``up(C) = C Qᵀ``.
 
 Gaussian projectors are regenerated from a key (`random_projector`, keyed
-by `projection_key`), never stored; fitted ones come from the gradient's
+by `projection_key`, one draw per stacked slice by `normal_per_slice`),
+never stored; fitted ones come from the gradient's
 SVD (`svd_projector`) or a randomized range finder
 (`randomized_projector`).
 """
 
+from flora_jax._src.keys import normal_per_slice
 from flora_jax._src.keys import projection_key
 from flora_jax._src.projection import LeafPlan
 from flora_jax._src.projectors import canonicalize_signs
@@ -30,6 +32,7 @@ __all__ = (
     'canonicalize_signs',
     'change_basis',
     'gaussian_projector',
+    'normal_per_slice',
     'project_down',
     'project_up',
     'projection_key',

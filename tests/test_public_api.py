@@ -24,8 +24,8 @@ SUPPORTED = {
     'GaLoreState', 'LimitNormGrowthState',
     # options
     'ProjectionRule', 'FiraResidual', 'path_mask', 'adopt_settings',
-    # memory
-    'memory_report',
+    # memory, and the train step that updates inside the backward pass
+    'memory_report', 'fused_train_step',
     # sharding
     'state_shardings', 'state_partition_specs', 'apply_shardings',
     # namespaces

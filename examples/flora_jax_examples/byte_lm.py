@@ -1,7 +1,8 @@
 """A tiny byte-level language model: the model of the LM examples.
 
-The decoder-only transformer, its loss, the batching of a byte corpus and
-the jitted train and eval steps that ``examples/quickstart.py``,
+The decoder-only transformer (its blocks unrolled, or stacked and scanned
+for the fused step), its loss, the batching of a byte corpus and the
+jitted train and eval steps that ``examples/quickstart.py``,
 ``examples/train_lm.py``, ``examples/train_sharded.py`` and
 ``benchmarks/benchmark_lm_quality.py`` share.
 """
@@ -14,6 +15,9 @@ from flax import nnx
 import jax
 import numpy as np
 import optax
+
+import flora_jax
+import flora_jax.nnx  # noqa: F401  (flora_jax.nnx.fused_train_step)
 
 # ------------------------------------------------------------------- data
 
@@ -129,6 +133,46 @@ class ByteTransformer(nnx.Module):
     return self.embed.attend(self.final_norm(x))
 
 
+class ScannedByteTransformer(nnx.Module):
+  """`ByteTransformer` with its blocks stacked and scanned.
+
+  The same model, its blocks stored as one `Block` whose parameters carry
+  a leading layer axis (made with `nnx.vmap`) and run with `nnx.scan`: how
+  large JAX models are written, and what `flora_jax.nnx.fused_train_step`
+  trains (see `fused_train_step`).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(0.02)
+    self.embed = nnx.Embed(
+        cfg.vocab_size, cfg.d_model, embedding_init=init, rngs=rngs
+    )
+    self.position = nnx.Param(init(rngs.params(), (cfg.seq_len, cfg.d_model)))
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def blocks(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = blocks(rngs)
+    self.final_norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+
+  def embed_tokens(self, tokens):
+    """The blocks' input."""
+    return self.embed(tokens) + self.position[: tokens.shape[1]]
+
+  def logits(self, x):
+    """The blocks' output to next-byte logits (tied embeddings)."""
+    return self.embed.attend(self.final_norm(x))
+
+  def __call__(self, tokens):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(x, block):
+      return block(x)
+
+    return self.logits(run(self.embed_tokens(tokens), self.blocks))
+
+
 def in_blocks(path: str, leaf) -> bool:
   """Whether a parameter belongs to a transformer block.
 
@@ -144,7 +188,11 @@ def in_blocks(path: str, leaf) -> bool:
 
 def loss_fn(model: ByteTransformer, batch: jax.Array) -> jax.Array:
   """Mean next-byte cross-entropy, in nats."""
-  logits = model(batch[:, :-1])
+  return next_byte_loss(model(batch[:, :-1]), batch)
+
+
+def next_byte_loss(logits: jax.Array, batch: jax.Array) -> jax.Array:
+  """Mean cross-entropy of ``logits`` against the batch's next bytes."""
   return optax.softmax_cross_entropy_with_integer_labels(
       logits, batch[:, 1:]
   ).mean()
@@ -163,3 +211,19 @@ def train_step(model, optimizer, batch):
 def eval_step(model, batch):
   """The loss of ``batch``, without gradients."""
   return loss_fn(model, batch)
+
+
+def fused_train_step(model: ScannedByteTransformer,
+                     optimizer: nnx.Optimizer):
+  """`train_step` for a `ScannedByteTransformer`, with fused updates.
+
+  `flora_jax.nnx.fused_train_step`: the optimizer updates each block inside
+  the backward pass, so the blocks' stacked gradient is never held.
+  Returns ``step(model, optimizer, batch) -> loss``, in place.
+  """
+  step = flora_jax.nnx.fused_train_step(
+      model, optimizer, stack='blocks',
+      embed=lambda model, batch: model.embed_tokens(batch[:, :-1]),
+      layer=lambda block, x, batch: block(x),
+      head=lambda model, x, batch: next_byte_loss(model.logits(x), batch))
+  return lambda model, optimizer, batch: step(model, optimizer, batch)['loss']

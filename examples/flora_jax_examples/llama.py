@@ -180,17 +180,45 @@ def lm_loss(params, tokens, remat: bool = False):
   if remat:
     layer_fn = jax.checkpoint(
         decoder_layer, policy=jax.checkpoint_policies.nothing_saveable)
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  x = jnp.take(params['embed'], inputs, axis=0)
+  x = embed_tokens(params, tokens)
   if isinstance(params['layers'], list):
     for layer in params['layers']:
       x = layer_fn(layer, x)
   else:
     x, _ = jax.lax.scan(lambda h, layer: (layer_fn(layer, h), None), x,
                         params['layers'])
+  return head_loss(params, x, tokens)
+
+
+def embed_tokens(params, tokens):
+  """The decoder's input: the embeddings of all tokens but the last."""
+  return jnp.take(params['embed'], tokens[:, :-1], axis=0)
+
+
+def head_loss(params, x, tokens):
+  """The final norm, the output head and the next-token cross-entropy."""
   logits = rms_norm(x, params['final_norm']) @ params['lm_head']
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), targets).mean()
+      logits.astype(jnp.float32), tokens[:, 1:]).mean()
+
+
+def fused_train_step_fn(optimizer, params) -> Callable:
+  """`flora_jax.fused_train_step` of the stacked decoder, not compiled.
+
+  The same model and loss as `lm_loss` with stacked layers, the optimizer
+  applied to each layer inside the backward pass (`train_step_fn`'s
+  signature; jit it with ``donate_argnums=(0, 1)``).
+  """
+  step = flora_jax.fused_train_step(
+      optimizer, params, stack='layers', embed=embed_tokens,
+      layer=lambda layer, x, tokens: decoder_layer(layer, x),
+      head=head_loss, jit=False)
+
+  def train_step(params, opt_state, tokens):
+    params, opt_state, metrics = step(params, opt_state, tokens)
+    return params, opt_state, metrics['loss']
+
+  return train_step
 
 
 def train_step_fn(optimizer, remat: bool = False) -> Callable:
@@ -256,16 +284,29 @@ class StepMemory:
     return self.argument + self.output - self.alias + self.temp
 
 
-def compile_step_memory(model: StepModel, optimizer) -> StepMemory:
+def compile_step_memory(model: StepModel, optimizer,
+                        fused: bool = False) -> StepMemory:
   """Compiles (never runs) one donated train step and reads XLA's sizes.
 
   The inputs are abstract (`jax.ShapeDtypeStruct`): nothing is allocated,
   so any model size compiles on a laptop.
+
+  With ``fused`` the step is `fused_train_step_fn`'s (the optimizer applied
+  to each stacked layer inside the backward pass, each layer recomputed
+  from its saved input): only for ``model.stacked``, and ``model.remat`` is
+  then irrelevant (the fused step always checkpoints each layer).
   """
   params = model.params()
   opt_state = jax.eval_shape(optimizer.init, params)
   tokens = jax.ShapeDtypeStruct((model.batch, model.seq_len + 1), jnp.int32)
-  step = jax.jit(train_step_fn(optimizer, model.remat), donate_argnums=(0, 1))
+  if fused:
+    if not model.stacked:
+      raise ValueError(f'{model.name}: the fused step needs stacked layers'
+                       ' (StepModel(..., stacked=True)).')
+    step_fn = fused_train_step_fn(optimizer, params)
+  else:
+    step_fn = train_step_fn(optimizer, model.remat)
+  step = jax.jit(step_fn, donate_argnums=(0, 1))
   start = time.perf_counter()
   compiled = step.lower(params, opt_state, tokens).compile()
   seconds = time.perf_counter() - start
@@ -283,6 +324,12 @@ def compile_step_memory(model: StepModel, optimizer) -> StepMemory:
       compile_seconds=seconds,
       state_dtypes=floating_dtypes(opt_state),
   )
+
+
+def stack_bytes(model: StepModel) -> int:
+  """Bytes of the stacked layers' parameters (``params['layers']``), i.e.
+  of their gradient in the parameters' dtype."""
+  return flora_jax.memory.state_bytes(model.params()['layers'])
 
 
 def floating_dtypes(tree) -> tuple[str, ...]:

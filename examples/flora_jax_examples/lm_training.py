@@ -83,6 +83,10 @@ class TrainConfig:
     eval_batches: held-out batches of 32 sequences per evaluation.
     checkpoint_dir: where orbax checkpoints go; None for none.
     checkpoint_every: steps between two checkpoints.
+    fused: the blocks stacked and scanned (`byte_lm.ScannedByteTransformer`)
+      and updated inside the backward pass
+      (`flora_jax.nnx.fused_train_step`): the same training, without the
+      blocks' stacked gradient.
   """
 
   optimizer: str = 'flora'
@@ -100,6 +104,7 @@ class TrainConfig:
   eval_batches: int = 8
   checkpoint_dir: str | None = None
   checkpoint_every: int = 100
+  fused: bool = False
 
 
 @dataclasses.dataclass
@@ -155,10 +160,14 @@ def train(config: TrainConfig, *, progress: bool = True) -> History:
   train_data, val_data = load_corpus(config.corpus, config.corpus_bytes)
   val_batches = byte_lm.eval_batches(val_data, config.eval_batches, 32,
                                      cfg.seq_len)
-  model = byte_lm.ByteTransformer(cfg, rngs=nnx.Rngs(config.seed))
+  model_class = (byte_lm.ScannedByteTransformer if config.fused
+                 else byte_lm.ByteTransformer)
+  model = model_class(cfg, rngs=nnx.Rngs(config.seed))
   tx = make_optimizer(config.optimizer, config.lr, config.rank,
                       config.period, config.min_dim)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  train_step = (byte_lm.fused_train_step(model, optimizer) if config.fused
+                else byte_lm.train_step)
   history = History(state_bytes=flora_jax.memory.state_bytes(
       nnx.as_pure(optimizer.opt_state)))
 
@@ -178,12 +187,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> History:
                                   cfg.seq_len, config.seed)
   bar = range(config.steps)
   if progress:
-    bar = tqdm(bar, desc=config.optimizer, unit='step', dynamic_ncols=True)
+    bar = tqdm(bar, desc=config.optimizer + (' fused' if config.fused else ''),
+               unit='step', dynamic_ncols=True)
   began = time.perf_counter()
   for step, batch in zip(bar, batches, strict=True):
     if step < start:
       continue
-    loss = byte_lm.train_step(model, optimizer, jnp.asarray(batch))
+    loss = train_step(model, optimizer, jnp.asarray(batch))
     # Reading a loss waits for the device: only every few steps.
     if step % config.log_every == 0 or step == config.steps - 1:
       history.steps.append(step)

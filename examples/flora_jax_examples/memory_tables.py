@@ -236,3 +236,130 @@ def peak_table(results: dict) -> str:
     cells += ['yes' if fits(m.peak, gb) else 'no' for gb in ACCELERATOR_GB]
     lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
+
+
+# ------------------------------------------- 4. fused per-layer updates
+
+FUSED_LABELS = ('optax.adamw', 'flora_jax.flora', 'flora_jax.galore',
+                'flora_jax.fira')
+# Quick mode: AdamW only (a Flora step takes 4 to 8 s to compile, whatever
+# the size); the accumulation row still compiles a projecting optimizer.
+QUICK_FUSED_LABELS = ('optax.adamw',)
+# The accumulator's rank of the accumulation rows, whatever the model's.
+ACCUMULATION_RANK = 128
+
+
+def fused_optimizers(rank: int, quick: bool) -> dict:
+  """The optimizers whose ordinary and fused steps are compared.
+
+  The same constructors and rank as the peak tables (`peak_optimizers`).
+  """
+  optimizers = peak_optimizers(rank, quick=False)
+  labels = QUICK_FUSED_LABELS if quick else FUSED_LABELS
+  return {label: optimizers[label] for label in labels}
+
+
+def accumulation_optimizer() -> tuple[str, Any]:
+  """`flora_jax.FloraMultiSteps` around AdamW, and its label."""
+  k, rank = ACCUMULATION_STEPS, ACCUMULATION_RANK
+  return (f'flora_jax.FloraMultiSteps(adamw, {k}, rule=ProjectionRule({rank}))',
+          flora_jax.FloraMultiSteps(optax.adamw(LEARNING_RATE), k,
+                                    rule=flora_jax.ProjectionRule(rank)))
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedComparison:
+  """One optimizer's ordinary and fused step on one stacked model."""
+
+  model: llama.StepModel
+  label: str
+  ordinary: llama.StepMemory  # value_and_grad, tx.update, apply_updates
+  fused: llama.StepMemory  # flora_jax.fused_train_step
+
+  @property
+  def saving(self) -> int:
+    return self.ordinary.peak - self.fused.peak
+
+  @property
+  def stack_gradient(self) -> int:
+    """Bytes of the stacked layers' gradient (``params['layers']``)."""
+    return llama.stack_bytes(self.model)
+
+  @property
+  def expected(self) -> int:
+    """``(L-1)/L`` of the stack's gradient: one layer's gradient remains."""
+    layers = self.model.layers
+    return (layers - 1) * self.stack_gradient // layers
+
+  @property
+  def ratio(self) -> float:
+    """The saving as a share of `expected`."""
+    return self.saving / self.expected
+
+
+def _unit(peaks) -> tuple[str, int, str]:
+  """GiB (3 decimals), or MiB for steps that all peak under 1 GiB."""
+  return ('GiB', GIB, '{:,.3f}') if max(peaks) >= GIB else (
+      'MiB', MIB, '{:,.1f}')
+
+
+def model_cells(model: llama.StepModel) -> str:
+  return (f'{model.name.removeprefix("LLaMA-")} '
+          f'({millions(llama.parameter_count(model.params()))}, '
+          f'{model.layers} layers) | {jnp.dtype(model.dtype).name}')
+
+
+def fused_table(rows: list[FusedComparison]) -> str:
+  """Markdown: ordinary and fused peak, the saving and its share."""
+  unit, scale, fmt = _unit([row.ordinary.peak for row in rows])
+  columns = ['ordinary peak', 'fused peak', 'saving', 'stack gradient',
+             '(L-1)/L x stack gradient']
+  lines = [
+      '| model | dtype | optimizer | '
+      + ' | '.join(f'{c} ({unit})' for c in columns)
+      + ' | fused % of ordinary | saving / ((L-1)/L x stack gradient) |',
+      '|---|---|---|' + '---:|' * (len(columns) + 2),
+  ]
+  for row in rows:
+    sizes = [row.ordinary.peak, row.fused.peak, row.saving,
+             row.stack_gradient, row.expected]
+    cells = [fmt.format(size / scale) for size in sizes]
+    cells += [percent(row.fused.peak, row.ordinary.peak), f'{row.ratio:.2f}']
+    lines.append(f'| {model_cells(row.model)} | {row.label} | '
+                 + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccumulationComparison:
+  """The fused step with and without compressed gradient accumulation."""
+
+  model: llama.StepModel
+  plain: llama.StepMemory  # fused optax.adamw
+  accumulating: llama.StepMemory  # fused FloraMultiSteps(adamw, k)
+
+  @property
+  def difference(self) -> int:
+    return self.accumulating.peak - self.plain.peak
+
+
+def accumulation_table(rows: list[AccumulationComparison], label: str) -> str:
+  """Markdown: the two fused peaks and where their difference is."""
+  unit, scale, fmt = _unit([row.plain.peak for row in rows])
+  lines = [
+      f'| model | dtype | fused `optax.adamw` peak ({unit}) '
+      f'| fused `{label}` peak ({unit}) | difference ({unit}) '
+      f'| difference (% of the fused AdamW peak) '
+      f'| of which optimizer state ({unit}) '
+      f'| of which temporaries ({unit}) |',
+      '|---|---|' + '---:|' * 6,
+  ]
+  for row in rows:
+    plain, acc = row.plain, row.accumulating
+    sizes = [plain.peak, acc.peak, row.difference]
+    cells = [fmt.format(size / scale) for size in sizes]
+    cells.append(f'{100 * row.difference / plain.peak:+.1f}%')
+    cells += [fmt.format((acc.opt_state - plain.opt_state) / scale),
+              fmt.format((acc.temp - plain.temp) / scale)]
+    lines.append(f'| {model_cells(row.model)} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)

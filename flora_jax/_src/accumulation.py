@@ -153,7 +153,8 @@ class FloraMultiSteps:
                                    self._accumulator_dtype),
             plans,
         ),
-        settings=settings.record(plans, every_k_schedule=self._every_k_name),
+        settings=settings.record(plans, every_k_schedule=self._every_k_name,
+                                 **keys.stacked_draws_setting(plans)),
     )
 
   @property
@@ -178,7 +179,8 @@ class FloraMultiSteps:
     jax.tree.map(lambda plan, acc: validation.check_state_shape(
         plan, acc, 'an accumulator'), plans, state.acc_sketch)
     settings.check(state.settings, plans,
-                   every_k_schedule=self._every_k_name)
+                   every_k_schedule=self._every_k_name,
+                   **keys.stacked_draws_setting(plans))
     cycle = state.gradient_step
     k = self._cycle_length(cycle)
     # Drawn once per step: the same projectors compress now and, at the end

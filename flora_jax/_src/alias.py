@@ -63,13 +63,19 @@ def flora(
   2. `scale_by_flora_momentum`: momentum of ``u`` kept as an
      ``r x max(m, n)`` sketch for projected matrices (skipped if ``b1`` is
      None);
-  3. `optax.clip_by_block_rms`: each leaf's update clipped to RMS
+  3. `optax.clip_by_block_rms`: each matrix's update clipped to RMS
      ``clipping_threshold``;
   4. `optax.scale_by_param_block_rms` if ``multiply_by_parameter_scale``
      (Adafactor's relative step size);
   5. `optax.add_decayed_weights`: decoupled weight decay, scaled by the
      learning rate as in `optax.adamw`;
   6. `optax.scale_by_learning_rate`.
+
+  In steps 3 and 4 a block is a matrix, the last two axes of a leaf: each
+  slice of a stacked ``(L, m, n)`` leaf is clipped and scaled on its own,
+  as the layers of an unstacked model are (and as
+  `flora_jax.fused_train_step` needs). Leaves of fewer than 3 axes are one
+  block, as in optax.
 
   Optimizer state per projected ``m x n`` matrix: ``m + n`` (factored second
   moment) plus ``r * max(m, n)`` (momentum) numbers, against ``2 m n`` for
@@ -137,9 +143,9 @@ def flora(
         )
     )
   if clipping_threshold is not None:
-    transforms.append(optax.clip_by_block_rms(clipping_threshold))
+    transforms.append(_clip_by_matrix_rms(clipping_threshold))
   if multiply_by_parameter_scale:
-    transforms.append(optax.scale_by_param_block_rms())
+    transforms.append(_scale_by_param_matrix_rms())
   if validation.may_be_nonzero(weight_decay):
     transforms.append(
         optax.add_decayed_weights(weight_decay, weight_decay_mask)
@@ -367,6 +373,46 @@ def _adam_in_subspace(
       )
     transforms.append(optax.scale_by_learning_rate(learning_rate))
   return _checked_tree(optax.chain(*transforms), _projectors)
+
+
+def _stateless_init(params: optax.Params) -> optax.EmptyState:
+  del params
+  return optax.EmptyState()
+
+
+def _matrix_rms(x: jax.Array) -> jax.Array:
+  """The RMS of each matrix of ``x`` (its last two axes), kept as axes."""
+  axes = tuple(range(max(x.ndim - 2, 0), x.ndim))
+  return jnp.sqrt(jnp.mean(jnp.square(jnp.abs(x)), axis=axes, keepdims=True))
+
+
+def _clip_by_matrix_rms(threshold: float) -> optax.GradientTransformation:
+  """`optax.clip_by_block_rms`, one block per matrix of a stacked leaf."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(
+        lambda u: u / jnp.maximum(1.0, _matrix_rms(u) / threshold), updates
+    ), state
+
+  return optax.GradientTransformation(_stateless_init, update_fn)
+
+
+def _scale_by_param_matrix_rms(
+    min_scale: float = 1e-3,
+) -> optax.GradientTransformation:
+  """`optax.scale_by_param_block_rms`, one block per stacked matrix."""
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError('flora(multiply_by_parameter_scale=True) needs'
+                       ' params in update().')
+    return jax.tree.map(
+        lambda u, p: u * jnp.maximum(_matrix_rms(p), min_scale), updates,
+        params,
+    ), state
+
+  return optax.GradientTransformation(_stateless_init, update_fn)
 
 
 def _factored_moment(chain_state: Any) -> Any:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -42,10 +44,32 @@ def after(value: jax.Array, anchor: jax.Array) -> jax.Array:
   without a collective, and ``value`` is returned as it is: there the
   ordering is left to the compiler.
   """
-  if any(axis is not None for axis in explicit_spec(anchor)):
+  if not _ORDERING_HINTS.get() or any(
+      axis is not None for axis in explicit_spec(anchor)):
     return value
   zero = (anchor[(0,) * anchor.ndim] * 0).astype(jnp.int32)
   return value + zero.astype(value.dtype)
+
+
+# Off inside `without_ordering_hints`.
+_ORDERING_HINTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    'flora_jax_ordering_hints', default=True)
+
+
+@contextlib.contextmanager
+def without_ordering_hints() -> Iterator[None]:
+  """Traces inside the block get no `after` hints.
+
+  For analyses of a traced update (`flora_jax.fused_train_step` checks
+  which layers each output depends on): the hint reads one element of the
+  anchor, a dependency in the program's data flow although not in its
+  values.
+  """
+  token = _ORDERING_HINTS.set(False)
+  try:
+    yield
+  finally:
+    _ORDERING_HINTS.reset(token)
 
 
 def explicit_spec(x: jax.Array) -> tuple[Any, ...]:

@@ -269,7 +269,8 @@ def scale_by_flora_momentum(
         key=keys.as_prng_key(key),
         momentum=jax.tree.map(zeros, plans, params),
         settings=settings.record(
-            plans, kappa=kappa, momentum_transfer=momentum_transfer
+            plans, kappa=kappa, momentum_transfer=momentum_transfer,
+            **keys.stacked_draws_setting(plans),
         ),
     )
 
@@ -280,7 +281,8 @@ def scale_by_flora_momentum(
     jax.tree.map(lambda plan, c: validation.check_state_shape(
         plan, c, 'a momentum'), plans, state.momentum)
     settings.check(state.settings, plans, kappa=kappa,
-                   momentum_transfer=momentum_transfer)
+                   momentum_transfer=momentum_transfer,
+                   **keys.stacked_draws_setting(plans))
     index = state.count // kappa
     resampled = (state.count > 0) & (state.count % kappa == 0)
 

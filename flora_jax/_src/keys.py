@@ -4,12 +4,21 @@ A transform keeps ONE typed key in its state. The key of a leaf's ``i``-th
 projection is ``fold_in(fold_in(key, crc32(path)), i)``: projections are
 never stored, the state holds no per-leaf key arrays, and a leaf keeps its
 projections when the tree is wrapped by `optax.masked` or `optax.partition`.
+The stacked slices ``s`` of a leaf (e.g. the layers of a scanned kernel
+``(L, m, n)``) draw from ``fold_in(that key, s)``, each on its own, so that
+one layer's projection can be drawn without the others' (what
+`flora_jax.fused_train_step` does inside its backward pass).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 import numbers
 import zlib
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,3 +89,69 @@ def projection_key(key: jax.Array, path: str, index: jax.Array) -> jax.Array:
     True
   """
   return jax.random.fold_in(jax.random.fold_in(key, path_id(path)), index)
+
+
+# Set by `drawing_layer`: the layer whose slices the stacked draws are.
+_LAYER: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    'flora_jax_layer', default=None)
+
+STACKED_DRAWS = {'stacked_draws': 'per_slice'}
+"""The setting recorded by states whose stacked projections are regenerated.
+
+Before 0.5 a stacked leaf's projections came from one draw of the whole
+stack; a state that holds data compressed with them (Flora's momentum and
+accumulator, GaLore's ``'random'`` projector) records this setting, so that
+such a checkpoint is refused rather than decoded with other projections.
+"""
+
+
+def stacked_draws_setting(plans: Any) -> dict[str, str]:
+  """`STACKED_DRAWS` if a projected leaf of ``plans`` is stacked, else {}."""
+  stacked = any(plan.projected and plan.batch_shape
+                for plan in jax.tree.leaves(plans))
+  return dict(STACKED_DRAWS) if stacked else {}
+
+
+@contextlib.contextmanager
+def drawing_layer(index: jax.Array) -> Iterator[None]:
+  """Inside the block, stacked leaves are layer ``index`` of their stack.
+
+  Their axis 0 has size 1 and `normal_per_slice` draws the slices of layer
+  ``index`` of the full stack.
+  """
+  token = _LAYER.set(jnp.asarray(index, jnp.int32))
+  try:
+    yield
+  finally:
+    _LAYER.reset(token)
+
+
+def normal_per_slice(
+    key: jax.Array,
+    batch_shape: tuple[int, ...],
+    shape: tuple[int, ...],
+    dtype: jax.typing.DTypeLike = jnp.float32,
+) -> jax.Array:
+  """Standard normals of shape ``batch_shape + shape``, one draw per slice.
+
+  Slice ``s`` (counted row-major over ``batch_shape``) is
+  ``normal(fold_in(key, s), shape)``; without ``batch_shape`` the draw is
+  ``normal(key, shape)``. Inside `drawing_layer` the slices are those of
+  the given layer (``batch_shape[0]`` must then be 1).
+  """
+  if not batch_shape:
+    return jax.random.normal(key, shape, dtype)
+  first = 0
+  layer = _LAYER.get()
+  if layer is not None:
+    if batch_shape[0] != 1:
+      raise ValueError(
+          f'Drawing one layer of a stack, but the leaf has {batch_shape[0]}'
+          ' layers on its axis 0.'
+      )
+    first = layer * math.prod(batch_shape[1:])
+  slices = first + jnp.arange(math.prod(batch_shape), dtype=jnp.int32)
+  draws = jax.vmap(
+      lambda s: jax.random.normal(jax.random.fold_in(key, s), shape, dtype)
+  )(slices)
+  return draws.reshape(batch_shape + shape)

@@ -38,7 +38,8 @@ def gaussian_projector(
   """Draws ``Q`` of shape ``plan.projector_shape`` with entries N(0, 1/r).
 
   With this scale ``E[Q Qᵀ] = I``, so ``up(down(G))`` is an unbiased estimate
-  of ``G``. Each stacked slice gets an independent draw.
+  of ``G``. Each stacked slice ``s`` gets its own draw, from
+  ``fold_in(key, s)`` (see `flora_jax.projections.normal_per_slice`).
 
   Args:
     key: a typed PRNG key.
@@ -57,9 +58,9 @@ def gaussian_projector(
     ((256, 64), 1.0)
   """
   scale = 1.0 / math.sqrt(plan.projector_shape[-1])
-  return jax.random.normal(key, plan.projector_shape, dtype) * jnp.asarray(
-      scale, dtype
-  )
+  draw = keys.normal_per_slice(key, plan.batch_shape,
+                               plan.projector_shape[-2:], dtype)
+  return draw * jnp.asarray(scale, dtype)
 
 
 def _check_side(side: str) -> None:
@@ -382,7 +383,7 @@ def randomized_projector(
     a = jnp.swapaxes(a, -1, -2)
   rows, cols = a.shape[-2:]
   width = min(rank + oversampling, rows)
-  omega = jax.random.normal(key, plan.batch_shape + (cols, width), jnp.float32)
+  omega = keys.normal_per_slice(key, plan.batch_shape, (cols, width))
   def transpose(x):
     return jnp.swapaxes(x, -1, -2)
 

@@ -185,8 +185,10 @@ def scale_by_galore(
     )
 
   def recorded_settings(plans):
+    # Only regenerated projectors carry data compressed with a draw.
+    draws = keys.stacked_draws_setting(plans) if projector == 'random' else {}
     return dict(plans=plans, update_proj_gap=update_proj_gap,
-                projector=projector)
+                projector=projector, **draws)
 
   announce = projection.plan_announcer(
       'flora_jax.scale_by_fira' if residual else 'flora_jax.scale_by_galore'
