@@ -573,9 +573,13 @@ class _Step:
       # buffer into the write of another. A read of the old momentum fused
       # into the parameters' write, after the momentum's own write, makes
       # XLA copy the whole stack at every layer. Here every slice is read,
-      # the layer computed, then written: all buffers updated in place.
+      # the layer computed, then written: all buffers updated in place. The
+      # predicate is true, but derived from data so that XLA cannot fold the
+      # branch away.
+      always = compat.after(jnp.zeros([], jnp.int32),
+                            jax.tree.leaves(cotangent)[0]) == 0
       cotangent, new_params, grads, layer_state, same_for_all = compat.cond(
-          index >= 0, self.layer_update, self.skip, index, cotangent,
+          always, self.layer_update, self.skip, index, cotangent,
           layer_params, layer_input, layer_state, carry.same_for_all)
       return (cotangent, _Carry(
           matrices=_put_all(carry.matrices, new_params, index, expand=True),
