@@ -245,6 +245,35 @@ def test_stacked_vectors_keep_their_whole_leaf_statistics():
   assert max(_relative_errors(p1, p2).values()) <= 1e-5
 
 
+def test_aux_outputs_are_metrics_and_the_step_is_still_exact():
+  rng = np.random.default_rng(0)
+  params = {'w_in': rng.standard_normal((4, 8), np.float32),
+            'layers': {'w': rng.standard_normal((3, 8, 8), np.float32) / 3},
+            'w_out': rng.standard_normal((8, 1), np.float32)}
+  x = rng.standard_normal((5, 4), np.float32)
+
+  def head(p, h, x):
+    out = h @ p['w_out']
+    return jnp.mean(out ** 2), {'max': jnp.max(out)}
+
+  def loss(p, x):
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None),
+                        x @ p['w_in'], p['layers']['w'])
+    return head(p, h, x)[0]
+
+  tx = optax.sgd(0.1, momentum=0.9)
+  step = flora_jax.fused_train_step(
+      tx, params, stack='layers', embed=lambda p, x: x @ p['w_in'],
+      layer=lambda lp, h, x: jnp.tanh(h @ lp['w']), head=head, has_aux=True)
+  new, _, metrics = step(params, tx.init(params), x)
+  grads = jax.grad(loss)(params, x)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expected = optax.apply_updates(params, updates)
+  assert max(_relative_errors(expected, new).values()) <= 1e-6
+  assert set(metrics) == {'loss', 'max'}
+  assert float(metrics['loss']) == pytest.approx(float(loss(params, x)))
+
+
 def test_bad_arguments_are_refused_at_build():
   with pytest.raises(TypeError, match='tx must be'):
     _build(object())

@@ -20,7 +20,7 @@ statistic.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -118,8 +118,9 @@ def fused_train_step(
     head: ``head(params, h, batch) -> loss`` (or ``(loss, aux)`` with
       ``has_aux``), the part after the stack and the loss; gets the same
       parameters as ``embed``.
-    has_aux: whether ``head`` returns ``(loss, aux)`` with ``aux`` a dict
-      of scalars, added to the metrics.
+    has_aux: whether ``head`` returns ``(loss, aux)``; ``aux`` is added
+      to the metrics (a dict is merged into them, anything else is
+      ``metrics['aux']``).
     jit: return the step compiled with `jax.jit`, parameters and state
       donated. With False, the plain function, e.g. to give `jax.jit`
       shardings; donate ``(0, 1)`` to update in place.
@@ -518,7 +519,9 @@ def fused_step(tx, layout: Layout, embed, layer, head, has_aux,
   outside_grads = [_sum_read(x, a, b) for x, a, b in
                    zip(outside, head_grads, embed_grads, strict=True)]
   new_params, new_state = step.finish(leaves, outside_grads, carry)
-  return new_params, new_state, {'loss': loss, **aux}
+  metrics = {'loss': loss}
+  metrics.update(aux if isinstance(aux, Mapping) else {'aux': aux})
+  return new_params, new_state, metrics
 
 
 class _Carry(NamedTuple):
