@@ -242,6 +242,12 @@ class Layout:
     def sources(part_state):
       found = []
       for path, leaf in zip(part_state.paths, part_state.leaves, strict=True):
+        if path not in full_index:
+          raise ValueError(
+              f'The optimizer state of a part of the parameters has a leaf'
+              f' {path} that the whole state lacks: made for one layer (or'
+              ' for the rest) the state has another structure, so this'
+              ' transform cannot be applied one layer at a time.')
         i = full_index[path]
         kind = 'settings' if settings.is_settings(leaf) else kinds[i]
         found.append((kind, leaf if kind == 'settings' else i))
@@ -324,6 +330,7 @@ def _state_paths(state) -> _StatePaths:
 
 
 def stack_prefix(stack) -> tuple[str, ...]:
+  """``'decoder/layers'`` or ``('decoder', 'layers')`` as path parts."""
   if isinstance(stack, str):
     parts = tuple(part for part in stack.split('/') if part)
   elif isinstance(stack, Sequence):
