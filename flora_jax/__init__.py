@@ -30,6 +30,8 @@ from flora_jax._src.lora_plus import lora_plus
 from flora_jax._src.memory import memory_report
 from flora_jax._src.projection import path_mask
 from flora_jax._src.projection import ProjectionRule
+from flora_jax._src.rounding import stochastic_rounding
+from flora_jax._src.rounding import StochasticRoundingState
 from flora_jax._src.settings import adopt_settings
 from flora_jax._src.sharding import apply_shardings
 from flora_jax._src.sharding import state_partition_specs
@@ -49,6 +51,7 @@ __all__ = (
     'GaLoreState',
     'LimitNormGrowthState',
     'ProjectionRule',
+    'StochasticRoundingState',
     'adopt_settings',
     'apply_shardings',
     'fira',
@@ -68,6 +71,7 @@ __all__ = (
     'scale_by_galore',
     'state_partition_specs',
     'state_shardings',
+    'stochastic_rounding',
 )
 
 # Names of 0.1 that moved, kept for one release: old name -> (module, name).

@@ -17,7 +17,7 @@ import contextvars
 import math
 import numbers
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -139,8 +139,22 @@ def normal_per_slice(
   ``normal(key, shape)``. Inside `drawing_layer` the slices are those of
   the given layer (``batch_shape[0]`` must then be 1).
   """
+  return per_slice(lambda k: jax.random.normal(k, shape, dtype), key,
+                   batch_shape)
+
+
+def per_slice(
+    sample: Callable[[jax.Array], jax.Array],
+    key: jax.Array,
+    batch_shape: tuple[int, ...],
+) -> jax.Array:
+  """``sample(fold_in(key, s))`` for every slice ``s`` of ``batch_shape``.
+
+  Stacked along ``batch_shape``; ``sample(key)`` itself without it. The
+  slices of `drawing_layer`'s layer inside that context.
+  """
   if not batch_shape:
-    return jax.random.normal(key, shape, dtype)
+    return sample(key)
   first = 0
   layer = _LAYER.get()
   if layer is not None:
@@ -151,7 +165,5 @@ def normal_per_slice(
       )
     first = layer * math.prod(batch_shape[1:])
   slices = first + jnp.arange(math.prod(batch_shape), dtype=jnp.int32)
-  draws = jax.vmap(
-      lambda s: jax.random.normal(jax.random.fold_in(key, s), shape, dtype)
-  )(slices)
-  return draws.reshape(batch_shape + shape)
+  draws = jax.vmap(lambda s: sample(jax.random.fold_in(key, s)))(slices)
+  return draws.reshape(batch_shape + draws.shape[1:])
