@@ -371,6 +371,7 @@ def test_ordering_hints_read_one_layer():
 # change in another layer's gradient; one it refuses here does not.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, coupled', [
     # (galore's per-layer numbers are checked end to end in test_fused.py.)
     ('flora_unclipped', False),

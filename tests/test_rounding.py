@@ -93,13 +93,13 @@ def test_small_updates_survive_where_nearest_rounding_loses_them():
   grads = {'w': jnp.full((256, 256), 0.1, jnp.bfloat16)}
 
   def run(tx):
-    @jax.jit
-    def step(params, state):
+    def step(_, carry):
+      params, state = carry
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
-    p, s = params, tx.init(params)
-    for _ in range(1000):
-      p, s = step(p, s)
+
+    p, _ = jax.jit(lambda p, s: jax.lax.fori_loop(0, 1000, step, (p, s)))(
+        params, tx.init(params))
     return float(jnp.mean(p['w'].astype(jnp.float32)))
 
   assert run(optax.sgd(1e-3)) == 1.0
@@ -130,6 +130,7 @@ def test_a_resumed_run_rounds_exactly_as_the_uninterrupted_one():
                                 np.asarray(q['w'], np.float32))
 
 
+@pytest.mark.slow
 def test_fused_step_with_stochastic_rounding_equals_the_ordinary_step():
   """bfloat16 stacked weights: each layer's matrix draws on its own."""
   rng = np.random.default_rng(0)
