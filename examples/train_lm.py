@@ -17,6 +17,7 @@ Run::
       --checkpoint-dir /tmp/lm_flora
   python examples/train_lm.py --optimizer fira --corpus stdlib --quick
   python examples/train_lm.py --optimizer flora --fused   # fused updates
+  python examples/train_lm.py --param-dtype bfloat16 --rounding stochastic
 
 With ``--fused`` the blocks are stacked and scanned, and the optimizer
 updates each block inside the backward pass: the blocks' gradient is never
@@ -60,6 +61,11 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--checkpoint-dir', default=defaults.checkpoint_dir)
   p.add_argument('--checkpoint-every', type=int,
                  default=defaults.checkpoint_every)
+  p.add_argument('--param-dtype', choices=('float32', 'bfloat16'),
+                 default=defaults.param_dtype)
+  p.add_argument('--rounding', choices=('nearest', 'stochastic'),
+                 default=defaults.rounding,
+                 help='of updates to a bfloat16 --param-dtype')
   p.add_argument('--fused', action='store_true',
                  help='stacked, scanned blocks updated inside the backward'
                  ' pass (flora_jax.nnx.fused_train_step)')

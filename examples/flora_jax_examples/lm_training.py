@@ -83,6 +83,11 @@ class TrainConfig:
     eval_batches: held-out batches of 32 sequences per evaluation.
     checkpoint_dir: where orbax checkpoints go; None for none.
     checkpoint_every: steps between two checkpoints.
+    param_dtype: the parameters' dtype, ``'float32'`` or ``'bfloat16'``
+      (the model is initialised in float32, then cast).
+    rounding: how updates are rounded to a ``param_dtype`` narrower than
+      float32: ``'nearest'`` (`optax.apply_updates`) or ``'stochastic'``
+      (`flora_jax.stochastic_rounding`).
     fused: the blocks stacked and scanned (`byte_lm.ScannedByteTransformer`)
       and updated inside the backward pass
       (`flora_jax.nnx.fused_train_step`): the same training, without the
@@ -104,6 +109,8 @@ class TrainConfig:
   eval_batches: int = 8
   checkpoint_dir: str | None = None
   checkpoint_every: int = 100
+  param_dtype: str = 'float32'
+  rounding: str = 'nearest'
   fused: bool = False
 
 
@@ -163,8 +170,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> History:
   model_class = (byte_lm.ScannedByteTransformer if config.fused
                  else byte_lm.ByteTransformer)
   model = model_class(cfg, rngs=nnx.Rngs(config.seed))
+  if config.param_dtype != 'float32':
+    nnx.update(model, jax.tree.map(
+        lambda x: x.astype(config.param_dtype), nnx.state(model, nnx.Param)))
   tx = make_optimizer(config.optimizer, config.lr, config.rank,
                       config.period, config.min_dim)
+  if config.rounding == 'stochastic':
+    tx = optax.chain(tx, flora_jax.stochastic_rounding(config.seed))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   train_step = (byte_lm.fused_train_step(model, optimizer) if config.fused
                 else byte_lm.train_step)
