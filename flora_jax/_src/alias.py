@@ -375,11 +375,6 @@ def _adam_in_subspace(
   return _checked_tree(optax.chain(*transforms), _projectors)
 
 
-def _stateless_init(params: optax.Params) -> optax.EmptyState:
-  del params
-  return optax.EmptyState()
-
-
 def _matrix_rms(x: jax.Array) -> jax.Array:
   """The RMS of each matrix of ``x`` (its last two axes), kept as axes."""
   axes = tuple(range(max(x.ndim - 2, 0), x.ndim))
@@ -395,7 +390,7 @@ def _clip_by_matrix_rms(threshold: float) -> optax.GradientTransformation:
         lambda u: u / jnp.maximum(1.0, _matrix_rms(u) / threshold), updates
     ), state
 
-  return optax.GradientTransformation(_stateless_init, update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def _scale_by_param_matrix_rms(
@@ -412,7 +407,7 @@ def _scale_by_param_matrix_rms(
         params,
     ), state
 
-  return optax.GradientTransformation(_stateless_init, update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def _factored_moment(chain_state: Any) -> Any:

@@ -199,6 +199,7 @@ class Layout:
   layers: int  # L
   state_def: Any  # the full state's structure, settings records as leaves
   state_shapes: Any  # the full state, abstract
+  state_paths: tuple[str, ...]  # per full-state leaf: its key path
   state_kinds: tuple[str, ...]  # per full-state leaf: its Source kind
   layer_def: Any
   layer_sources: tuple[Source, ...]
@@ -259,7 +260,7 @@ class Layout:
         per_layer=per_layer,
         stack_def=jax.tree.structure(_subtree(shapes, prefix)),
         layers=layers, state_def=full.treedef, state_shapes=full_state,
-        state_kinds=kinds,
+        state_paths=full.paths, state_kinds=kinds,
         layer_def=one_layer.treedef, layer_sources=sources(one_layer),
         rest_def=rest.treedef, rest_sources=sources(rest),
         rest_index=tuple(rest_position.get(path, -1) for path in full.paths),
@@ -447,8 +448,8 @@ def check_per_layer(tx, layout: Layout) -> None:
   must not depend on the per-layer leaves at all.
   """
   params = layout.treedef.unflatten(layout.param_shapes)
-  kind_by_path = dict(zip(_state_paths(layout.state_shapes).paths,
-                          layout.state_kinds, strict=True))
+  kind_by_path = dict(zip(layout.state_paths, layout.state_kinds,
+                          strict=True))
   state_kinds = jax.tree_util.tree_map_with_path(
       lambda path, _: _INPUT_KIND.get(
           kind_by_path.get(jax.tree_util.keystr(path), '')),
@@ -555,6 +556,11 @@ class _Step:
     return pick(self.layout.per_layer, self.layout.in_stack)
 
   @property
+  def vectors(self) -> list[bool]:
+    """Among the stack's leaves: the stacked vectors, updated with the rest."""
+    return [not m for m in self.per_layer]
+
+  @property
   def layer_leaves(self) -> list[int]:
     """The full state's 'layers' leaves, in the per-layer state's order."""
     return [i for kind, i in self.layout.layer_sources if kind == 'layers']
@@ -562,7 +568,7 @@ class _Step:
   def backward(self, leaves, inputs, cotangent):
     """Runs the reverse scan; returns the cotangent of its input, the carry."""
     stack = pick(leaves, self.layout.in_stack)
-    vectors = pick(stack, [not m for m in self.per_layer])
+    vectors = pick(stack, self.vectors)
     carry = _Carry(
         matrices=pick(stack, self.per_layer),
         vector_grads=[jnp.zeros_like(v) for v in vectors],
@@ -630,14 +636,14 @@ class _Step:
         layer_state.append(leaf)
       elif kind == 'layer_shared':
         same_for_all[i] = leaf
-    vector_grads = pick(grads, [not m for m in self.per_layer])
+    vector_grads = pick(grads, self.vectors)
     return cotangent, new_params, vector_grads, layer_state, same_for_all
 
   def skip(self, index, cotangent, layer_params, layer_input, layer_state,
            same_for_all):
     """The branch never taken: the same outputs, unchanged."""
     del index, layer_input
-    vectors = pick(layer_params, [not m for m in self.per_layer])
+    vectors = pick(layer_params, self.vectors)
     return (jax.tree.map(jnp.zeros_like, cotangent),
             pick(layer_params, self.per_layer),
             [jnp.zeros_like(v) for v in vectors], layer_state, same_for_all)
