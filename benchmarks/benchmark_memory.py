@@ -1,6 +1,6 @@
 """Memory of Flora, GaLore and Fira against optax baselines, without allocating.
 
-Four measurements; none allocates the arrays it measures, so a 7B model is
+Five measurements; none allocates the arrays it measures, so a 7B model is
 fine on a laptop:
 
 1. Optimizer-state bytes: ``jax.eval_shape(tx.init, params)`` on LLaMA-shaped
@@ -47,12 +47,22 @@ fine on a laptop:
    accumulation (`flora_jax.FloraMultiSteps`, 4 micro-batches) against the
    fused step without accumulation.
 
+5. A LLaMA-7B step in 24 GB: the same stacked, checkpointed 7B step with
+   memory-efficient attention (queries 256 at a time, each chunk
+   checkpointed), for AdamW in float32 and bfloat16, then with bfloat16
+   weights rounded stochastically: 8-bit AdamW, GaLore and Flora in the
+   ordinary step, and 8-bit AdamW, GaLore and Flora fused. The last two
+   rows, fused GaLore and Flora with their states in 8 bits, are this
+   library's recipe; the table marks the steps whose peak is at most 22
+   GiB.
+
 Run it with
 
   python benchmarks/benchmark_memory.py          # full: 8 minutes on 2 cores
   python benchmarks/benchmark_memory.py --quick  # CI smoke mode, about 40 s
   python benchmarks/benchmark_memory.py --skip-step --peak-models 7B
   python benchmarks/benchmark_memory.py --skip-step --skip-peak  # section 4
+  python benchmarks/benchmark_memory.py --only-recipe  # section 5, 6 min
 
 Section 3 takes 4 of the full run's 8 minutes: 64 compilations (4 sizes, 2
 dtypes, 8 optimizers) of 1 to 8 s each, whatever the size; the process
@@ -74,6 +84,7 @@ Markdown tables go to stdout and to ``<out>/memory.md``; PNG plots to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import os
 import pathlib
@@ -129,6 +140,10 @@ FUSED_BF16_MODELS = ('7B',)
 # the step's temporaries (vocab 512, 64 tokens): adamw and flora only.
 QUICK_FUSED_MODEL = llama.StepModel('tiny LLaMA', 256, 512, 16, 512, 1, 64,
                                     32, stacked=True, remat=True)
+
+# Section 5: the 7B step of section 3 with memory-efficient attention.
+RECIPE_MODEL, RECIPE_QUERY_CHUNK = '7B', 256
+QUICK_RECIPE_QUERY_CHUNK = 16
 
 
 def peak_rank(model: str) -> int:
@@ -312,13 +327,12 @@ tokens; rank {ranks}.
   fused step inside a layer's attention backward (4 x 8 x 2048 x 2048
   float32, 0.5 GiB): the saving is 8% of the peak, and more than the
   stack gradient because the two peaks are at different points.
-* bfloat16 on CPU: XLA's CPU backend computes bfloat16 dots in float32
-  and converts the forward scan's stacked bfloat16 matrices to float32
-  before the loop, so the fused step's temporaries peak in the forward
-  scan, holding a float32 copy of every stacked matrix (24.1 GiB at 7B).
-  The program JAX emits has no such copy, and a bfloat16-native backend
-  would not make one (the ordinary step's widened gradient buffers are
-  the same effect, see section 3's notes).
+* bfloat16 on CPU: XLA's CPU backend has no bfloat16 slicing or slice
+  update and widens them to float32, whole stacks at a time. The ordinary
+  scanned step pays for it (float32 copies of its stacked matrices and
+  gradient buffers, see section 3's notes); the fused step reads and
+  writes its stacks so that it holds no such copy, hence its bfloat16
+  savings above 3.
 * Accumulation: `flora_jax.FloraMultiSteps(optax.adamw, {k},
   rule=flora_jax.ProjectionRule({rank}))`, fused (each layer's gradient
   compressed and added to its accumulator inside the backward pass, the
@@ -613,6 +627,70 @@ def fused_section(args, emit) -> list[memory_tables.FusedComparison]:
   return rows
 
 
+def recipe_model(args, dtype) -> llama.StepModel:
+  """Section 5's step: section 3's stacked, checkpointed step (or the quick
+  fused model), queries taken in chunks."""
+  if args.quick:
+    return dataclasses.replace(QUICK_FUSED_MODEL, dtype=dtype,
+                               query_chunk=QUICK_RECIPE_QUERY_CHUNK)
+  return dataclasses.replace(peak_step_model(RECIPE_MODEL, dtype),
+                             query_chunk=RECIPE_QUERY_CHUNK)
+
+
+def recipe_section(args, emit) -> None:
+  """Section 5: the baselines and the recipe, one table."""
+  model = recipe_model(args, jnp.float32)
+  emit(f'## 5. A {model.name} step in 24 GB\n')
+  command = 'python benchmarks/benchmark_memory.py --only-recipe'
+  emit(f'`{command}{" --quick" if args.quick else ""}`\n')
+  start = time.perf_counter()
+  rows = []
+  for step in memory_tables.recipe_steps(model.rank, args.quick):
+    model = recipe_model(args, step.dtype)
+    memory = llama.compile_step_memory(model, step.optimizer,
+                                       fused=step.fused)
+    rows.append((step, memory))
+    print(f'  compiled {model.name} {step.label} ({step.dtype.__name__}, '
+          f'{"fused" if step.fused else "ordinary"}) in '
+          f'{memory.compile_seconds:.1f} s', file=sys.stderr, flush=True)
+  emit(memory_tables.recipe_table(rows) + '\n')
+  emit(recipe_notes(model) + '\n')
+  emit(f'Section 5: {len(rows)} compilations in '
+       f'{time.perf_counter() - start:.1f} s.\n')
+
+
+def recipe_notes(model: llama.StepModel) -> str:
+  return f"""\
+Notes on the 24 GB table:
+
+* The step: {model.name}, layers stacked and scanned, each checkpointed,
+  batch {model.batch} x {model.seq_len} tokens, rank {model.rank}, vocab
+  {model.vocab}; the attention takes its queries {model.query_chunk} at a
+  time (each chunk checkpointed), so the scores of all heads are never held
+  whole: what flash attention does on an accelerator. Compiled for the CPU
+  backend, never run: XLA's buffer assignment
+  (`compile().memory_analysis()`), as in sections 2 to 4.
+* "8-bit" is `flora_jax.quantize_state` (block-wise 8-bit codes of the
+  large state leaves, 25.4% of float32); "stochastic" is
+  `flora_jax.stochastic_rounding` last in the chain. The bfloat16 AdamW row
+  keeps its moments in bfloat16 (optax's default: the parameters' dtype).
+* The recipe (the last two rows): bfloat16 weights rounded
+  stochastically, GaLore's or Flora's state in 8 bits (the embedding's and
+  the head's full-size moments included), each layer updated inside the
+  backward pass (`flora_jax.fused_train_step`).
+* In an ordinary step the 8-bit state costs temporaries: XLA's CPU backend
+  reads a reduction's input (the new state's block maxima) from memory,
+  so the new moments of every coded leaf are held in float32 while they
+  are coded (about 10 bytes per parameter for AdamW). The fused step codes
+  one layer at a time.
+* XLA's CPU backend has no bfloat16 slicing or in-place slice update: it
+  widens them to float32, whole stacks at a time. The fused step reads and
+  writes its stacks so that this costs nothing (`compat.read_layer`,
+  `compat.write_layer`); an ordinary scanned step, in which `lax.scan`
+  slices the stacks and stacks the gradients, pays for it in these CPU
+  figures (in the bfloat16 "ordinary" rows)."""
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true',
@@ -640,6 +718,10 @@ def main(argv=None) -> None:
                       '--quick)')
   parser.add_argument('--skip-fused', action='store_true',
                       help='skip section 4 (ordinary vs fused step)')
+  parser.add_argument('--skip-recipe', action='store_true',
+                      help='skip section 5 (a LLaMA-7B step in 24 GB)')
+  parser.add_argument('--only-recipe', action='store_true',
+                      help='section 5 alone, to <out>/memory_recipe.md')
   args = parser.parse_args(argv)
   require_matplotlib()  # before minutes of work, not after
   # The tables include settings that project nothing on purpose (rank 512
@@ -664,6 +746,11 @@ def main(argv=None) -> None:
 
   emit(f'# Memory benchmark{" (--quick)" if args.quick else ""}\n')
   emit(environment() + '\n')
+  if args.only_recipe:
+    recipe_section(args, emit)
+    (out / 'memory_recipe.md').write_text('\n'.join(report) + '\n')
+    print(f'Wrote {out / "memory_recipe.md"}')
+    return
 
   emit('## 1. Optimizer-state bytes (`jax.eval_shape(tx.init, params)`)\n')
   sizes = memory_tables.measure_states(models, ranks)
@@ -714,6 +801,9 @@ def main(argv=None) -> None:
     fused_rows = fused_section(args, emit)
     pngs.append(out / 'fused_step_peak.png')
     plot_fused(fused_rows, pngs[-1])
+
+  if not args.skip_recipe:
+    recipe_section(args, emit)
 
   emit(f'Wall time {time.perf_counter() - start:.1f} s.')
   (out / 'memory.md').write_text('\n'.join(report) + '\n')

@@ -66,6 +66,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--rounding', choices=('nearest', 'stochastic'),
                  default=defaults.rounding,
                  help='of updates to a bfloat16 --param-dtype')
+  p.add_argument('--state-bits', type=int, choices=(32, 8),
+                 default=defaults.state_bits,
+                 help="8: the optimizer's large state leaves in 8 bits"
+                 ' (flora_jax.quantize_state)')
   p.add_argument('--fused', action='store_true',
                  help='stacked, scanned blocks updated inside the backward'
                  ' pass (flora_jax.nnx.fused_train_step)')

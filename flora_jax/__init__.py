@@ -30,6 +30,8 @@ from flora_jax._src.lora_plus import lora_plus
 from flora_jax._src.memory import memory_report
 from flora_jax._src.projection import path_mask
 from flora_jax._src.projection import ProjectionRule
+from flora_jax._src.quantization import quantize_state
+from flora_jax._src.quantization import QuantizedState
 from flora_jax._src.rounding import stochastic_rounding
 from flora_jax._src.rounding import StochasticRoundingState
 from flora_jax._src.settings import adopt_settings
@@ -40,7 +42,7 @@ from flora_jax._src.subspace import GaLoreState
 from flora_jax._src.subspace import scale_by_fira
 from flora_jax._src.subspace import scale_by_galore
 
-__version__ = '0.5.0'
+__version__ = '0.6.0'
 
 __all__ = (
     'FiraResidual',
@@ -51,6 +53,7 @@ __all__ = (
     'GaLoreState',
     'LimitNormGrowthState',
     'ProjectionRule',
+    'QuantizedState',
     'StochasticRoundingState',
     'adopt_settings',
     'apply_shardings',
@@ -65,6 +68,7 @@ __all__ = (
     'memory_report',
     'path_mask',
     'projections',
+    'quantize_state',
     'scale_by_adam_hf',
     'scale_by_fira',
     'scale_by_flora_momentum',

@@ -19,10 +19,11 @@ SUPPORTED = {
     'flora', 'galore', 'fira', 'lora_plus', 'flora_compress',
     'scale_by_flora_momentum', 'FloraMultiSteps', 'scale_by_galore',
     'scale_by_fira', 'limit_norm_growth', 'scale_by_adam_hf',
-    'stochastic_rounding',
+    'stochastic_rounding', 'quantize_state',
     # their states
     'FloraCompressState', 'FloraMomentumState', 'FloraMultiStepsState',
     'GaLoreState', 'LimitNormGrowthState', 'StochasticRoundingState',
+    'QuantizedState',
     # options
     'ProjectionRule', 'FiraResidual', 'path_mask', 'adopt_settings',
     # memory, and the train step that updates inside the backward pass

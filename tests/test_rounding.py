@@ -207,3 +207,26 @@ def test_nnx_optimizer_keeps_bfloat16_weights_rounded_at_random():
   low, high = _neighbours(jnp.asarray(target, jnp.float32), jnp.bfloat16)
   a64 = np.asarray(after, np.float64)
   assert np.all((a64 == low) | (a64 == high))
+
+
+@pytest.mark.parametrize('key', [0, jax.random.key(1, impl='rbg')],
+                         ids=['threefry', 'rbg'])
+def test_scalars_and_any_key_type_round_without_bias(key):
+  """The draws hash every word of the key (rbg keys have four) and the
+  element's index (none for a scalar)."""
+  tx = optax.chain(optax.sgd(1.0), flora_jax.stochastic_rounding(key))
+  params = {'scalar': jnp.ones((), jnp.bfloat16),
+            'matrix': jnp.ones((256, 256), jnp.bfloat16)}
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, -2.0**-10, jnp.float32),
+                       params)  # an eighth of bfloat16's step above 1
+  step = jax.jit(tx.update)
+  state, ups = tx.init(params), []
+  for _ in range(64):
+    updates, state = step(grads, state, params)
+    ups.append(np.asarray(optax.apply_updates(params, updates)['scalar'],
+                          np.float32))
+  rounded_up = np.asarray(optax.apply_updates(params, updates)['matrix'],
+                          np.float32) > 1
+  # P(up) = 1/8: 65,536 draws, and 64 draws of the scalar.
+  assert abs(rounded_up.mean() - 0.125) < 3 * np.sqrt(0.125 * 0.875 / 65536)
+  assert 0 < np.mean(np.array(ups) > 1) < 0.4

@@ -142,3 +142,49 @@ def test_step_temporaries_are_adamws(name, regime, adamw_temporaries):
       f' {adamw_temporaries[regime]:,} (+{ALLOWANCE[regime]} x {largest:,}'
       ' allowed)'
   )
+
+
+# ---------------------------------------------- low precision, fused step
+
+
+def test_stochastic_rounding_holds_nothing_of_parameter_size():
+  """Its random draws are a hash of the element's index, fused into the
+  rounding: `jax.random.uniform` held 16 bytes per parameter."""
+  params = {'w': jax.ShapeDtypeStruct((4, 512, 1024), jnp.bfloat16)}
+  plain = optax.sgd(1e-3)
+  rounded = optax.chain(optax.sgd(1e-3), flora_jax.stochastic_rounding(0))
+
+  def temporaries(tx):
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    state = jax.eval_shape(tx.init, params)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, state, params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert temporaries(rounded) <= temporaries(plain) + 4096
+
+
+@pytest.mark.slow
+def test_fused_bfloat16_step_holds_no_copy_of_a_stack():
+  """XLA's CPU backend widens bfloat16 slices and slice updates of a stack
+  to float32, whole stacks at a time; the fused step reads and writes its
+  stacks so that it does not: its bfloat16 temporaries are no more than
+  its float32 ones (they were 1.7 times as many), and with the state in 8
+  bits and stochastic rounding they stay a layer's size."""
+  from flora_jax_examples import llama  # noqa: PLC0415 (examples: tests only)
+
+  def fused_temporaries(dtype, tx):
+    model = llama.StepModel('tiny', 256, 512, 16, 512, 1, 64, 32, dtype,
+                            stacked=True, remat=True)
+    return llama.compile_step_memory(model, tx, fused=True).temp
+
+  float32 = fused_temporaries(jnp.float32, optax.adamw(1e-3))
+  bfloat16 = fused_temporaries(jnp.bfloat16, optax.adamw(1e-3))
+  assert bfloat16 <= float32
+  eight_bit = fused_temporaries(jnp.bfloat16, optax.chain(
+      flora_jax.quantize_state(optax.adamw(1e-3)),
+      flora_jax.stochastic_rounding(0)))
+  layer_bytes = 4 * 256 * 512 * 2 * 4  # one layer's matrices, float32
+  assert eight_bit <= bfloat16 + 2 * layer_bytes

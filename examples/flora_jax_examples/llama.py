@@ -54,6 +54,7 @@ class StepModel:
   dtype: Any = jnp.float32  # parameters and compute
   stacked: bool = False  # layers stacked and scanned, see `llama_params`
   remat: bool = False  # activation checkpointing, see `lm_loss`
+  query_chunk: int | None = None  # memory-efficient attention, `attention`
 
   def params(self) -> dict:
     """The model's abstract parameters."""
@@ -134,10 +135,15 @@ def rotary(x):
   return jnp.concatenate(rotated, axis=-1).astype(x.dtype)
 
 
-def attention(params, x):
+def attention(params, x, query_chunk: int | None = None):
   """Causal multi-head self-attention with RoPE, heads of 64.
 
-  Scores and softmax in float32 whatever the compute dtype.
+  Scores and softmax in float32 whatever the compute dtype. With
+  ``query_chunk`` the queries are taken that many at a time, each chunk
+  checkpointed (memory-efficient attention, Rabe & Staats 2021): the
+  ``(heads, seq, seq)`` scores are never held whole, in the forward or the
+  backward pass — the role flash attention plays on accelerators. Same
+  result.
   """
   batch, seq, d_model = x.shape
   heads = d_model // HEAD_DIM
@@ -148,13 +154,30 @@ def attention(params, x):
   q = rotary(split(x @ params['q']))
   k = rotary(split(x @ params['k']))
   v = split(x @ params['v'])
-  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,
-                      preferred_element_type=jnp.float32) / math.sqrt(HEAD_DIM)
-  causal = jnp.tril(jnp.ones((seq, seq), bool))
-  scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, seq, d_model)
-  return out @ params['o']
+
+  def attend(q, first):
+    """Queries ``first, first + 1, ...`` against every key."""
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,
+                        preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(HEAD_DIM)
+    causal = (first + jnp.arange(q.shape[1]))[:, None] >= jnp.arange(seq)
+    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+
+  if query_chunk is None or query_chunk >= seq:
+    out = attend(q, 0)
+  else:
+    if seq % query_chunk:
+      raise ValueError(f'query_chunk {query_chunk} must divide the sequence'
+                       f' length {seq}')
+    chunks = seq // query_chunk
+    q_chunks = jnp.moveaxis(
+        q.reshape(batch, chunks, query_chunk, heads, HEAD_DIM), 1, 0)
+    out = jax.lax.map(jax.checkpoint(lambda args: attend(*args)),
+                      (q_chunks, jnp.arange(chunks) * query_chunk))
+    out = jnp.moveaxis(out, 0, 1)
+  return out.reshape(batch, seq, d_model) @ params['o']
 
 
 def swiglu(params, x):
@@ -162,24 +185,27 @@ def swiglu(params, x):
   return (jax.nn.silu(x @ params['gate']) * (x @ params['up'])) @ params['down']
 
 
-def decoder_layer(layer, x):
+def decoder_layer(layer, x, query_chunk: int | None = None):
   """One pre-norm block: attention then SwiGLU, each added to ``x``."""
-  x = x + attention(layer['attn'], rms_norm(x, layer['attn_norm']))
+  x = x + attention(layer['attn'], rms_norm(x, layer['attn_norm']),
+                    query_chunk)
   return x + swiglu(layer['mlp'], rms_norm(x, layer['mlp_norm']))
 
 
-def lm_loss(params, tokens, remat: bool = False):
+def lm_loss(params, tokens, remat: bool = False,
+            query_chunk: int | None = None):
   """Mean next-token cross-entropy of a pre-norm LLaMA decoder.
 
   The layers are unrolled if ``params['layers']`` is a list and scanned if
   it is stacked (see `llama_params`). With ``remat`` each layer is
   checkpointed, saving nothing: the backward pass keeps only each layer's
-  input (the residual stream) and recomputes the rest.
+  input (the residual stream) and recomputes the rest. ``query_chunk``:
+  see `attention`.
   """
-  layer_fn = decoder_layer
+  layer_fn = functools.partial(decoder_layer, query_chunk=query_chunk)
   if remat:
     layer_fn = jax.checkpoint(
-        decoder_layer, policy=jax.checkpoint_policies.nothing_saveable)
+        layer_fn, policy=jax.checkpoint_policies.nothing_saveable)
   x = embed_tokens(params, tokens)
   if isinstance(params['layers'], list):
     for layer in params['layers']:
@@ -202,7 +228,8 @@ def head_loss(params, x, tokens):
       logits.astype(jnp.float32), tokens[:, 1:]).mean()
 
 
-def fused_train_step_fn(optimizer, params) -> Callable:
+def fused_train_step_fn(optimizer, params,
+                        query_chunk: int | None = None) -> Callable:
   """`flora_jax.fused_train_step` of the stacked decoder, not compiled.
 
   The same model and loss as `lm_loss` with stacked layers, the optimizer
@@ -211,7 +238,7 @@ def fused_train_step_fn(optimizer, params) -> Callable:
   """
   step = flora_jax.fused_train_step(
       optimizer, params, stack='layers', embed=embed_tokens,
-      layer=lambda layer, x, tokens: decoder_layer(layer, x),
+      layer=lambda layer, x, tokens: decoder_layer(layer, x, query_chunk),
       head=head_loss, jit=False)
 
   def train_step(params, opt_state, tokens):
@@ -221,10 +248,11 @@ def fused_train_step_fn(optimizer, params) -> Callable:
   return train_step
 
 
-def train_step_fn(optimizer, remat: bool = False) -> Callable:
+def train_step_fn(optimizer, remat: bool = False,
+                  query_chunk: int | None = None) -> Callable:
   """Forward, backward, optimizer update and parameter update, one call."""
   def step(params, opt_state, tokens):
-    loss_fn = functools.partial(lm_loss, remat=remat)
+    loss_fn = functools.partial(lm_loss, remat=remat, query_chunk=query_chunk)
     loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -303,9 +331,9 @@ def compile_step_memory(model: StepModel, optimizer,
     if not model.stacked:
       raise ValueError(f'{model.name}: the fused step needs stacked layers'
                        ' (StepModel(..., stacked=True)).')
-    step_fn = fused_train_step_fn(optimizer, params)
+    step_fn = fused_train_step_fn(optimizer, params, model.query_chunk)
   else:
-    step_fn = train_step_fn(optimizer, model.remat)
+    step_fn = train_step_fn(optimizer, model.remat, model.query_chunk)
   step = jax.jit(step_fn, donate_argnums=(0, 1))
   start = time.perf_counter()
   compiled = step.lower(params, opt_state, tokens).compile()

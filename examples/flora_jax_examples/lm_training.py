@@ -88,6 +88,8 @@ class TrainConfig:
     rounding: how updates are rounded to a ``param_dtype`` narrower than
       float32: ``'nearest'`` (`optax.apply_updates`) or ``'stochastic'``
       (`flora_jax.stochastic_rounding`).
+    state_bits: 32, or 8 for the optimizer's large state leaves stored
+      block-wise in 8 bits (`flora_jax.quantize_state`).
     fused: the blocks stacked and scanned (`byte_lm.ScannedByteTransformer`)
       and updated inside the backward pass
       (`flora_jax.nnx.fused_train_step`): the same training, without the
@@ -111,6 +113,7 @@ class TrainConfig:
   checkpoint_every: int = 100
   param_dtype: str = 'float32'
   rounding: str = 'nearest'
+  state_bits: int = 32
   fused: bool = False
 
 
@@ -175,6 +178,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> History:
         lambda x: x.astype(config.param_dtype), nnx.state(model, nnx.Param)))
   tx = make_optimizer(config.optimizer, config.lr, config.rank,
                       config.period, config.min_dim)
+  if config.state_bits == 8:
+    tx = flora_jax.quantize_state(tx)
+  elif config.state_bits != 32:
+    raise ValueError(f'state_bits must be 32 or 8, got {config.state_bits}')
   if config.rounding == 'stochastic':
     tx = optax.chain(tx, flora_jax.stochastic_rounding(config.seed))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)

@@ -363,3 +363,76 @@ def accumulation_table(rows: list[AccumulationComparison], label: str) -> str:
               fmt.format((acc.temp - plain.temp) / scale)]
     lines.append(f'| {model_cells(row.model)} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
+
+
+# ------------------------------------- 5. a LLaMA-7B step in 24 GB
+
+RECIPE_LIMIT_GIB = 22  # the target: 2 GB of a 24 GB card left to the runtime
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeStep:
+  """One row of the 24 GB table: an optimizer, the weights, the step."""
+
+  label: str
+  dtype: Any  # the parameters' (and the compute's)
+  rounding: str  # of updates to the weights: 'nearest' or 'stochastic'
+  fused: bool  # flora_jax.fused_train_step, else the ordinary step
+  optimizer: Any
+
+
+def recipe_steps(rank: int, quick: bool) -> list[RecipeStep]:
+  """The rows of the 24 GB table: baselines, then the library's recipe.
+
+  Every bfloat16 row but plain AdamW's rounds its updates stochastically
+  (`flora_jax.stochastic_rounding`, last in the chain); "8-bit" is
+  `flora_jax.quantize_state` around the optimizer.
+  """
+  lr = LEARNING_RATE
+
+  def rounded(tx):
+    return optax.chain(tx, flora_jax.stochastic_rounding(0))
+
+  def eight_bit(tx):
+    return rounded(flora_jax.quantize_state(tx))
+
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  recipe = RecipeStep('8-bit flora_jax.flora', bf16, 'stochastic', True,
+                      eight_bit(flora_jax.flora(lr, rank=rank)))
+  if quick:
+    return [RecipeStep('optax.adamw', f32, 'nearest', False,
+                       optax.adamw(lr)), recipe]
+  return [
+      RecipeStep('optax.adamw', f32, 'nearest', False, optax.adamw(lr)),
+      RecipeStep('optax.adamw', bf16, 'nearest', False, optax.adamw(lr)),
+      RecipeStep('8-bit optax.adamw', bf16, 'stochastic', False,
+                 eight_bit(optax.adamw(lr))),
+      RecipeStep('flora_jax.galore', bf16, 'stochastic', False,
+                 rounded(flora_jax.galore(lr, rank=rank))),
+      RecipeStep('flora_jax.flora', bf16, 'stochastic', False,
+                 rounded(flora_jax.flora(lr, rank=rank))),
+      RecipeStep('8-bit optax.adamw', bf16, 'stochastic', True,
+                 eight_bit(optax.adamw(lr))),
+      RecipeStep('8-bit flora_jax.galore', bf16, 'stochastic', True,
+                 eight_bit(flora_jax.galore(lr, rank=rank))),
+      recipe,
+  ]
+
+
+def recipe_table(rows: list[tuple[RecipeStep, llama.StepMemory]]) -> str:
+  """Markdown: each step's parts of the peak, and what fits."""
+  lines = [
+      '| optimizer | weights | updates rounded | step | weights (GiB) '
+      '| optimizer state (GiB) | temporaries (GiB) | peak estimate (GiB) '
+      f'| ≤ {RECIPE_LIMIT_GIB} GiB |',
+      '|---|---|---|---|---:|---:|---:|---:|:---:|',
+  ]
+  for step, m in rows:
+    sizes = [m.params, m.opt_state, m.temp, m.peak]
+    cells = [step.label, jnp.dtype(step.dtype).name,
+             step.rounding if jnp.dtype(step.dtype).itemsize < 4 else '–',
+             'fused' if step.fused else 'ordinary']
+    cells += [f'{size / GIB:,.2f}' for size in sizes]
+    cells.append('**yes**' if m.peak <= RECIPE_LIMIT_GIB * GIB else 'no')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)

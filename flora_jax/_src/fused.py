@@ -515,8 +515,19 @@ def fused_step(tx, layout: Layout, embed, layer, head, has_aux,
   outside = pick(leaves, layout.outside)
   h, embed_vjp, _ = _vjp_of_read(lambda o: embed(outside_tree(o), batch),
                                  outside)
-  h, inputs = jax.lax.scan(lambda h, x: (step.layer_fn(x, h), h), h,
-                           pick(leaves, layout.in_stack))
+  stack = pick(leaves, layout.in_stack)
+
+  def forward(carry, index):
+    h, inputs = carry
+    inputs = jax.tree.map(lambda saved, x: compat.write_layer(saved, x, index),
+                          inputs, h)
+    layer_leaves = [compat.read_layer(x, index) for x in stack]
+    return (step.layer_fn(layer_leaves, h), inputs), None
+
+  no_inputs = jax.tree.map(
+      lambda x: jnp.zeros((layout.layers,) + x.shape, x.dtype), h)
+  (h, inputs), _ = jax.lax.scan(forward, (h, no_inputs),
+                                jnp.arange(layout.layers))
   loss, head_vjp, aux = _vjp_of_read(
       lambda o, h: head(outside_tree(o), h, batch), outside, h,
       has_aux=has_aux)
@@ -581,8 +592,9 @@ class _Step:
       cotangent, carry = carry
       layer_params = merge(self.per_layer,
                            [_take(x, index) for x in carry.matrices],
-                           [_take(x, index) for x in vectors])
-      layer_input = jax.tree.map(lambda x: _take(x, index), inputs)
+                           [compat.read_layer(x, index) for x in vectors])
+      layer_input = jax.tree.map(lambda x: compat.read_layer(x, index),
+                                 inputs)
       layer_state = [_take(x, index, keepdims=True)
                      for x in carry.layer_state]
       # Inside a branch (always taken): XLA cannot fuse a read of a stacked
@@ -728,8 +740,7 @@ def _sum_read(x, a, b):
 
 def _put_all(stacks, slices, index, expand=False):
   """Writes slice ``index`` of each stack (``expand``: slices lack axis 0)."""
-  return [jax.lax.dynamic_update_slice_in_dim(
-      x, s[None] if expand else s, index, 0)
+  return [compat.write_layer(x, s if expand else s[0], index)
           for x, s in zip(stacks, slices, strict=True)]
 
 

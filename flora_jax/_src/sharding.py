@@ -13,7 +13,10 @@ the state half of a train step's ``in_shardings`` / ``out_shardings``:
   parameter axis it spans;
 * factored second moments and per-slice norms keep the sharding of the axes
   they keep;
-* counters, keys and anything else are replicated.
+* counters, keys and anything else are replicated;
+* 8-bit codes (`quantize_state`) have their leaf's shape and are laid out
+  as it would be; their block scales are sharded like their codes, the
+  block axis included where the mesh axis divides the number of blocks.
 
 A mesh axis that does not divide the size of the axis it would shard (a rank
 of 6 on 4 devices, say) is dropped from that axis: JAX needs even shards.
@@ -34,6 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from flora_jax._src import quantization
 from flora_jax._src import tree_util
 
 
@@ -235,7 +239,28 @@ def state_shardings(
       spec = _state_spec(shape, param_shape, param_spec)
     return NamedSharding(resolved_mesh, _fit(spec, shape, resolved_mesh))
 
-  return jax.tree.map_with_path(sharding_of, abstract_state)
+  shardings = jax.tree.map_with_path(sharding_of, abstract_state)
+  return _scales_like_codes(abstract_state, shardings, resolved_mesh)
+
+
+def _scales_like_codes(abstract_state: Any, shardings: Any, mesh) -> Any:
+  """``shardings`` with the scales of every `QuantizedState` in it laid out
+  like their codes (axis for axis; a mesh axis kept where it divides)."""
+  def lay_out(node, node_shardings):
+    if not isinstance(node, quantization.QuantizedState):
+      return node_shardings
+    codes = {
+        jax.tree_util.keystr(path): sharding for path, sharding in
+        jax.tree.leaves_with_path(node_shardings.inner_state)
+    }
+    return node_shardings._replace(scales={
+        name: NamedSharding(mesh, _fit(codes[name].spec, scale.shape, mesh))
+        for name, scale in node.scales.items()
+    })
+
+  is_quantized = lambda x: isinstance(x, quantization.QuantizedState)  # noqa: E731
+  return jax.tree.map(lay_out, abstract_state, shardings,
+                      is_leaf=is_quantized)
 
 
 def _lay_out(x: jax.Array, sharding: NamedSharding) -> jax.Array:
