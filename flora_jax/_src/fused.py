@@ -517,6 +517,9 @@ def fused_step(tx, layout: Layout, embed, layer, head, has_aux,
                                  outside)
   stack = pick(leaves, layout.in_stack)
 
+  # The layer inputs go into a carried buffer through compat.write_layer,
+  # not into the scan's stacked output, whose slice updates XLA's CPU
+  # backend widens to float32 for bfloat16 activations.
   def forward(carry, index):
     h, inputs = carry
     inputs = jax.tree.map(lambda saved, x: compat.write_layer(saved, x, index),
