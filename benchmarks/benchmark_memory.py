@@ -58,18 +58,20 @@ fine on a laptop:
 
 Run it with
 
-  python benchmarks/benchmark_memory.py          # full: 8 minutes on 2 cores
-  python benchmarks/benchmark_memory.py --quick  # CI smoke mode, about 40 s
+  python benchmarks/benchmark_memory.py          # full: about 12 min on 2 cores
+  python benchmarks/benchmark_memory.py --quick  # CI smoke mode, about 80 s
   python benchmarks/benchmark_memory.py --skip-step --peak-models 7B
   python benchmarks/benchmark_memory.py --skip-step --skip-peak  # section 4
-  python benchmarks/benchmark_memory.py --only-recipe  # section 5, 6 min
+  python benchmarks/benchmark_memory.py --only-recipe  # section 5, 3-6 min
 
-Section 3 takes 4 of the full run's 8 minutes: 64 compilations (4 sizes, 2
+Section 3 takes 4 of the full run's 12 minutes: 64 compilations (4 sizes, 2
 dtypes, 8 optimizers) of 1 to 8 s each, whatever the size; the process
 stays under 1.2 GB of host memory, 7B included. With --quick it compiles
 2 optimizers for a 2-layer bfloat16 model instead. Section 4 takes 3
 minutes, 36 compilations of 2 to 7 s; with --quick, 3 for a 16-layer
-float32 model (AdamW ordinary and fused, FloraMultiSteps fused).
+float32 model (AdamW ordinary and fused, FloraMultiSteps fused). Section 5
+takes 3 to 6 minutes, 8 compilations of 7B steps; with --quick, 2 for the
+16-layer model.
 
 It needs the examples' support package, ``flora_jax_examples`` (the LLaMA
 model and the tables, in ``examples/flora_jax_examples/llama.py`` and
