@@ -35,6 +35,8 @@ RUNS = (
     ('flora r8', 'flora', 8, {}),
     ('flora r32', 'flora', 32, {}),
     ('flora r128', 'flora', 128, {}),
+    ('flora r8 rademacher', 'flora-rademacher', 8, {}),
+    ('flora r32 rademacher', 'flora-rademacher', 32, {}),
     ('galore r32', 'galore', 32, {}),
     ('fira r32', 'fira', 32, {}),
     # Low precision: 8-bit states (flora_jax.quantize_state), bfloat16
@@ -49,7 +51,9 @@ RUNS = (
     ('flora r32 bf16 weights, stochastic, 8-bit state', 'flora', 32,
      dict(_BF16_SR, **_8BIT)),
 )
-QUICK_RUNS = (RUNS[0], RUNS[3], RUNS[6])  # CI's train_lm run has the last
+# CI's train_lm run has the last row.
+QUICK_RUNS = tuple(run for run in RUNS
+                   if run[0] in ('adamw', 'flora r32', 'galore r32'))
 
 
 def main():

@@ -42,7 +42,7 @@ from flora_jax._src.subspace import GaLoreState
 from flora_jax._src.subspace import scale_by_fira
 from flora_jax._src.subspace import scale_by_galore
 
-__version__ = '0.6.0'
+__version__ = '0.7.0'
 
 __all__ = (
     'FiraResidual',

@@ -9,8 +9,9 @@ projector ``Q`` of shape ``(..., dim, r)`` and the two maps
   ``up(C) = C Qᵀ``.
 
 Gaussian projectors are regenerated from a key (`random_projector`, keyed
-by `projection_key`, one draw per stacked slice by `normal_per_slice`),
-never stored; fitted ones come from the gradient's
+by `projection_key`, one draw per stacked slice by `normal_per_slice`;
+`random_projectors` draws a whole tree's in one batch per shape), never
+stored; fitted ones come from the gradient's
 SVD (`svd_projector`) or a randomized range finder
 (`randomized_projector`).
 """
@@ -24,7 +25,9 @@ from flora_jax._src.projectors import gaussian_projector
 from flora_jax._src.projectors import project_down
 from flora_jax._src.projectors import project_up
 from flora_jax._src.projectors import random_projector
+from flora_jax._src.projectors import random_projectors
 from flora_jax._src.projectors import randomized_projector
+from flora_jax._src.projectors import sample_projector
 from flora_jax._src.projectors import svd_projector
 
 __all__ = (
@@ -37,6 +40,8 @@ __all__ = (
     'project_up',
     'projection_key',
     'random_projector',
+    'random_projectors',
     'randomized_projector',
+    'sample_projector',
     'svd_projector',
 )

@@ -37,6 +37,7 @@ import pytest
 
 import flora_jax
 from flora_jax._src import compat
+from flora_jax._src import subspace
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason='needs 8 (simulated) devices'
@@ -97,6 +98,13 @@ TRANSFORMS = {
     'galore': lambda: flora_jax.galore(1e-2, RANK, update_proj_gap=2,
                                        **PROJECTION),
     'fira': lambda: flora_jax.fira(1e-2, RANK, update_proj_gap=2, **PROJECTION),
+    # The refits spread over the mesh: with sketches (keys), and staggered
+    # (the first fit spread, later ones where they are) moving moments.
+    'fira_randomized': lambda: flora_jax.fira(
+        1e-2, RANK, update_proj_gap=2, projector='randomized', **PROJECTION),
+    'galore_staggered': lambda: flora_jax.galore(
+        1e-2, RANK, update_proj_gap=2, refresh_schedule='staggered',
+        transfer_moments=True, **PROJECTION),
     'limit_norm_growth': lambda: optax.chain(
         optax.scale_by_adam(), flora_jax.limit_norm_growth(1.01),
         optax.scale_by_learning_rate(1e-2)),
@@ -286,6 +294,42 @@ def test_flora_update_never_gathers_a_full_gradient(axis_type, sharded):
   assert not [s for s in sizes if s >= min(full_sizes)], gathered
   # The same check finds GaLore's gather of the gradient for its SVD.
   assert re.search(r'all-gather', _compiled_text(sharded('galore', axis_type)))
+
+
+# ----------------------------------------- a refresh spread over the mesh
+
+REFITTING = ['galore', 'fira', 'fira_randomized', 'galore_staggered']
+
+
+@AXIS_TYPES
+@pytest.mark.parametrize('name', REFITTING)
+def test_refresh_spread_over_the_mesh_gives_one_device_projectors(
+    name, axis_type, sharded, single_device):
+  """Traced under the mesh, the refits are spread over its 8 devices (a
+  shard_map in the update); the projectors of the unstacked and the stacked
+  leaf, every step, are those of one device."""
+  run, want = sharded(name, axis_type), single_device(name)
+  with jax.set_mesh(run.mesh):
+    jaxpr = str(jax.make_jaxpr(run.step)(run.params[0], run.states[0],
+                                         run.grads[0]))
+  assert 'shard_map' in jaxpr
+  for t in range(1, STEPS + 1):
+    got = subspace.stored_projectors(run.states[t][0].projectors)
+    ref = subspace.stored_projectors(want.states[t][0].projectors)
+    for leaf in ('wide', 'stack'):
+      np.testing.assert_allclose(got[leaf], ref[leaf], atol=1e-5,
+                                 err_msg=f'{leaf} after step {t}')
+
+
+def test_distribute_refresh_false_fits_on_every_device():
+  tx = flora_jax.galore(1e-2, RANK, update_proj_gap=2,
+                        distribute_refresh=False, **PROJECTION)
+  mesh = _mesh()
+  with jax.set_mesh(mesh):
+    params = _put(PARAMS, mesh)
+    state = jax.eval_shape(tx.init, params)
+    jaxpr = str(jax.make_jaxpr(tx.update)(params, state, params))
+  assert 'shard_map' not in jaxpr and 'svd' in jaxpr
 
 
 # ----------------------------- nnx.Optimizer on a partitioned, stacked model

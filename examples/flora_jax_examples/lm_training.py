@@ -28,8 +28,8 @@ from flora_jax_examples import byte_lm
 from flora_jax_examples import checkpoints
 from flora_jax_examples import datasets
 
-OPTIMIZERS = ('adamw', 'adafactor', 'flora', 'galore', 'galore-randomized',
-              'fira')
+OPTIMIZERS = ('adamw', 'adafactor', 'flora', 'flora-rademacher', 'galore',
+              'galore-randomized', 'fira')
 CORPORA = ('shakespeare', 'stdlib')
 
 
@@ -42,8 +42,9 @@ def make_optimizer(name: str, lr: float, rank: int, period: int,
     return optax.adamw(lr)
   if name == 'adafactor':
     return optax.adafactor(lr, min_dim_size_to_factor=min_dim)
-  if name == 'flora':
-    return flora_jax.flora(lr, rank=rank, kappa=period,
+  if name in ('flora', 'flora-rademacher'):
+    sketch = 'rademacher' if name == 'flora-rademacher' else 'gaussian'
+    return flora_jax.flora(lr, rank=rank, kappa=period, sketch=sketch,
                            min_dim_size_to_factor=min_dim, **low_rank)
   if name in ('galore', 'galore-randomized'):
     projector = 'randomized' if name == 'galore-randomized' else 'svd'

@@ -67,6 +67,8 @@ class FloraMultiSteps:
     use_grad_mean: pass the mean (True) or the sum (False) of the cycle's
       gradients to the inner optimizer.
     accumulator_dtype: dtype of the stored sketch; None means float32.
+    sketch: the projections' entries, ``'gaussian'`` (the paper's) or
+      ``'rademacher'`` (cheaper to draw), see `flora_jax.flora_compress`.
 
   Example:
     >>> import optax, flora_jax
@@ -86,6 +88,7 @@ class FloraMultiSteps:
       key: keys.PRNGKeyLike = 0,
       use_grad_mean: bool = True,
       accumulator_dtype: jax.typing.DTypeLike | None = None,
+      sketch: projectors.Sketch = 'gaussian',
   ):
     validation.check_transformation('opt', opt)
     if not callable(every_k_schedule):
@@ -99,6 +102,8 @@ class FloraMultiSteps:
     self._accumulator_dtype = validation.check_float_dtype(
         'accumulator_dtype', accumulator_dtype
     )
+    self._sketch: projectors.Sketch = sketch
+    self._recorded = projectors.sketch_setting(sketch)
     self._announce = projection.plan_announcer(
         'flora_jax.FloraMultiSteps', 'the rest is accumulated full-size'
     )
@@ -154,6 +159,7 @@ class FloraMultiSteps:
             plans,
         ),
         settings=settings.record(plans, every_k_schedule=self._every_k_name,
+                                 **self._recorded,
                                  **keys.stacked_draws_setting(plans)),
     )
 
@@ -179,18 +185,14 @@ class FloraMultiSteps:
     jax.tree.map(lambda plan, acc: validation.check_state_shape(
         plan, acc, 'an accumulator'), plans, state.acc_sketch)
     settings.check(state.settings, plans,
-                   every_k_schedule=self._every_k_name,
+                   every_k_schedule=self._every_k_name, **self._recorded,
                    **keys.stacked_draws_setting(plans))
     cycle = state.gradient_step
     k = self._cycle_length(cycle)
     # Drawn once per step: the same projectors compress now and, at the end
-    # of the cycle, decompress. Each waits for its gradient (`compat.after`).
-    drawn = jax.tree.map(
-        lambda plan, g: projectors.random_projector(
-            state.key, plan, compat.after(cycle, g))
-        if plan.projected else None,
-        plans, updates,
-    )
+    # of the cycle, decompress; they wait for the gradients.
+    drawn = projectors.random_projectors(state.key, plans, cycle,
+                                         self._sketch)
     acc = jax.tree.map(self._accumulate, plans, updates, state.acc_sketch,
                        drawn)
 

@@ -19,6 +19,7 @@ from flora_jax._src import adam_hf
 from flora_jax._src import deprecation
 from flora_jax._src import flora as flora_lib
 from flora_jax._src import keys
+from flora_jax._src import projectors
 from flora_jax._src import subspace
 from flora_jax._src import tree_util
 from flora_jax._src import validation
@@ -49,6 +50,7 @@ def flora(
     nesterov: bool = False,
     momentum_dtype: jax.typing.DTypeLike | None = None,
     momentum_transfer: flora_lib.MomentumTransfer = 'least_squares',
+    sketch: projectors.Sketch = 'gaussian',
     side: Side = 'auto',
     min_dim: int = 128,
     max_aspect_ratio: float | None = 4.0,
@@ -101,6 +103,8 @@ def flora(
     momentum_dtype: see `scale_by_flora_momentum`.
     momentum_transfer: how the momentum moves into a re-drawn subspace,
       see `scale_by_flora_momentum`.
+    sketch: the projections' entries, ``'gaussian'`` (the paper's) or
+      ``'rademacher'`` (cheaper to draw), see `flora_compress`.
     side: which axis is compressed, see `flora_jax.ProjectionRule`.
     min_dim: see `flora_jax.ProjectionRule`.
     max_aspect_ratio: see `flora_jax.ProjectionRule`.
@@ -140,6 +144,7 @@ def flora(
         flora_lib.scale_by_flora_momentum(
             b1, rule=rule, kappa=kappa, key=key, nesterov=nesterov,
             momentum_dtype=momentum_dtype, momentum_transfer=momentum_transfer,
+            sketch=sketch,
         )
     )
   if clipping_threshold is not None:
@@ -173,6 +178,8 @@ def galore(
     canonical_signs: bool = True,
     power_iterations: int = 2,
     oversampling: int = 8,
+    refresh_schedule: subspace.RefreshSchedule = 'synchronous',
+    distribute_refresh: bool = True,
     side: Side = 'auto',
     min_dim: int = 128,
     max_aspect_ratio: float | None = 4.0,
@@ -208,6 +215,12 @@ def galore(
     canonical_signs: see `scale_by_galore`.
     power_iterations: of the ``'randomized'`` projector.
     oversampling: of the ``'randomized'`` projector.
+    refresh_schedule: ``'synchronous'`` (the published schedule: every
+      projector refitted at the same step) or ``'staggered'`` (each matrix
+      at its own phase, about ``1/T`` of the refits per step), see
+      `scale_by_galore`.
+    distribute_refresh: under a mesh of several devices, share a refresh's
+      SVDs among them, see `scale_by_galore`.
     side: which axis is compressed, see `flora_jax.ProjectionRule`.
     min_dim: see `flora_jax.ProjectionRule`.
     max_aspect_ratio: see `flora_jax.ProjectionRule`.
@@ -237,6 +250,8 @@ def galore(
       canonical_signs=canonical_signs,
       power_iterations=power_iterations,
       oversampling=oversampling,
+      refresh_schedule=refresh_schedule,
+      distribute_refresh=distribute_refresh,
   )
   return _adam_in_subspace(
       in_subspace, learning_rate, b1, b2, eps, weight_decay, weight_decay_mask,
@@ -265,6 +280,8 @@ def fira(
     canonical_signs: bool = True,
     power_iterations: int = 2,
     oversampling: int = 8,
+    refresh_schedule: subspace.RefreshSchedule = 'synchronous',
+    distribute_refresh: bool = True,
     side: Side = 'auto',
     min_dim: int = 128,
     max_aspect_ratio: float | None = 4.0,
@@ -297,6 +314,8 @@ def fira(
     canonical_signs: as in `galore`.
     power_iterations: as in `galore`.
     oversampling: as in `galore`.
+    refresh_schedule: as in `galore`.
+    distribute_refresh: as in `galore`.
     side: as in `galore`.
     min_dim: as in `galore`.
     max_aspect_ratio: as in `galore`.
@@ -326,6 +345,8 @@ def fira(
       canonical_signs=canonical_signs,
       power_iterations=power_iterations,
       oversampling=oversampling,
+      refresh_schedule=refresh_schedule,
+      distribute_refresh=distribute_refresh,
   )
   return _adam_in_subspace(
       in_subspace, learning_rate, b1, b2, eps, weight_decay, weight_decay_mask,
@@ -417,7 +438,7 @@ def _factored_moment(chain_state: Any) -> Any:
 
 def _projectors(chain_state: Any) -> Any:
   """`galore`'s and `fira`'s projectors: a leaf or MaskedNode per param."""
-  return chain_state[0].projectors
+  return subspace.stored_projectors(chain_state[0].projectors)
 
 
 def _checked_tree(

@@ -68,6 +68,7 @@ def flora_compress(
     *,
     kappa: int = 1000,
     key: keys.PRNGKeyLike = 0,
+    sketch: projectors.Sketch = 'gaussian',
 ) -> optax.GradientTransformation:
   r"""Replaces each projected gradient by its random-projection round trip.
 
@@ -100,6 +101,9 @@ def flora_compress(
       `flora_jax.ProjectionRule`, or an int r for ``ProjectionRule(r)``.
     kappa: a new projection is drawn every ``kappa`` updates.
     key: an int seed, a typed key (`jax.random.key`) or a raw uint32 key.
+    sketch: the entries of ``Q``: ``'gaussian'`` (the paper's) or
+      ``'rademacher'`` (``±1/sqrt(r)``: also unbiased, and cheaper to draw;
+      see `flora_jax.projections.sample_projector`).
 
   Returns:
     An `optax.GradientTransformation` whose state is `FloraCompressState`.
@@ -114,6 +118,7 @@ def flora_compress(
   rule = ProjectionRule.of(rule)
   kappa = validation.check_positive_or_traced('kappa', kappa)
   validation.check_key('key', key)
+  sketch_record = projectors.sketch_setting(sketch)
   announce = projection.plan_announcer(
       'flora_jax.flora_compress', 'the rest passes uncompressed'
   )
@@ -124,25 +129,23 @@ def flora_compress(
     return FloraCompressState(
         count=jnp.zeros([], jnp.int32),
         key=keys.as_prng_key(key),
-        settings=settings.record(plans, kappa=kappa),
+        settings=settings.record(plans, kappa=kappa, **sketch_record),
     )
 
   def update_fn(updates, state, params=None):
     validation.check_updates_match_params(updates, params)
     plans = rule.plan(updates)
-    settings.check(state.settings, plans, kappa=kappa)
-    index = state.count // kappa
+    settings.check(state.settings, plans, kappa=kappa, **sketch_record)
+    drawn = projectors.random_projectors(
+        state.key, plans, state.count // kappa, sketch)
 
-    def compress(plan, g):
+    def compress(plan, g, q):
       if not plan.projected:
         return g
-      q = projectors.random_projector(
-          state.key, plan, compat.after(index, g)
-      )
       low_rank = projectors.project_down(q, g, plan.side)
       return projectors.project_up(q, low_rank, plan.side).astype(g.dtype)
 
-    new_updates = jax.tree.map(compress, plans, updates)
+    new_updates = jax.tree.map(compress, plans, updates, drawn)
     return new_updates, FloraCompressState(
         count=compat.safe_increment(state.count),
         key=state.key,
@@ -162,6 +165,7 @@ def scale_by_flora_momentum(
     nesterov: bool = False,
     momentum_dtype: jax.typing.DTypeLike | None = None,
     momentum_transfer: MomentumTransfer = 'least_squares',
+    sketch: projectors.Sketch = 'gaussian',
 ) -> optax.GradientTransformation:
   r"""Exponential moving average of the updates, stored in compressed form.
 
@@ -221,6 +225,8 @@ def scale_by_flora_momentum(
       bfloat16 halves it again); arithmetic is done in float32.
     momentum_transfer: how the momentum moves into a re-drawn subspace:
       ``'least_squares'``, ``'paper'`` or ``'reset'`` (see above).
+    sketch: the entries of the projections, ``'gaussian'`` or
+      ``'rademacher'``, see `flora_compress`.
 
   Returns:
     An `optax.GradientTransformation` whose state is `FloraMomentumState`.
@@ -247,6 +253,8 @@ def scale_by_flora_momentum(
   validation.check_choice(
       'momentum_transfer', momentum_transfer, MomentumTransfer
   )
+  recorded = dict(kappa=kappa, momentum_transfer=momentum_transfer,
+                  **projectors.sketch_setting(sketch))
 
   announce = projection.plan_announcer('flora_jax.scale_by_flora_momentum')
 
@@ -269,9 +277,7 @@ def scale_by_flora_momentum(
         key=keys.as_prng_key(key),
         momentum=jax.tree.map(zeros, plans, params),
         settings=settings.record(
-            plans, kappa=kappa, momentum_transfer=momentum_transfer,
-            **keys.stacked_draws_setting(plans),
-        ),
+            plans, **recorded, **keys.stacked_draws_setting(plans)),
     )
 
   def update_fn(updates, state, params=None):
@@ -280,20 +286,26 @@ def scale_by_flora_momentum(
     plans = rule.plan(updates)
     jax.tree.map(lambda plan, c: validation.check_state_shape(
         plan, c, 'a momentum'), plans, state.momentum)
-    settings.check(state.settings, plans, kappa=kappa,
-                   momentum_transfer=momentum_transfer,
+    settings.check(state.settings, plans, **recorded,
                    **keys.stacked_draws_setting(plans))
     index = state.count // kappa
     resampled = (state.count > 0) & (state.count % kappa == 0)
+    current_keys, previous_keys = projectors.stack_keys(
+        state.key, plans, [index, index - 1])
+    stacks = projectors.draw_from_keys(current_keys, sketch)
+    drawn = projectors.unstack(plans, stacks)
+    transitions = _transitions(plans, previous_keys, stacks, resampled,
+                               momentum_transfer, sketch)
 
-    def update_leaf(plan, u, c):
+    def update_leaf(plan, u, c, q, transition):
       out, c_new = _momentum_step(
-          plan, u.astype(jnp.float32), c,
-          b1, nesterov, state.key, index, resampled, momentum_transfer,
+          plan, u.astype(jnp.float32), c, q, transition,
+          b1, nesterov, resampled,
       )
       return out.astype(u.dtype), c_new.astype(momentum_dtype)
 
-    results = jax.tree.map(update_leaf, plans, updates, state.momentum)
+    results = jax.tree.map(update_leaf, plans, updates, state.momentum,
+                           drawn, transitions)
     new_updates, new_momentum = tree_util.unzip_leaves(plans, results, 2)
     return new_updates, FloraMomentumState(
         count=compat.safe_increment(state.count),
@@ -305,49 +317,74 @@ def scale_by_flora_momentum(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _transitions(
+    plans, previous_keys, stacks, resampled, transfer: MomentumTransfer,
+    sketch: projectors.Sketch,
+):
+  """Each projected leaf's ``r x r`` basis change at a resample, else zeros.
+
+  One branch for all leaves, on the per-shape stacks of projectors
+  (`projectors.draw_stacks`): the previous projectors are drawn in one
+  batch from ``previous_keys``, and the matrices solved one after another
+  in one loop. None for every leaf with ``transfer='reset'``.
+  """
+  if transfer == 'reset':
+    return jax.tree.map(lambda _: None, plans)
+  least_squares = transfer == 'least_squares'
+
+  def changes(stacks):
+    previous = projectors.draw_from_keys(previous_keys, sketch)
+    return {shape: compat.each_matrix(
+        lambda q_old, q: projectors.basis_change_matrix(
+            q_old, q, least_squares=least_squares),
+        previous[shape], q_new) for shape, q_new in stacks.items()}
+
+  def unchanged(stacks):
+    return {shape: jnp.zeros(q.shape[:-2] + (q.shape[-1],) * 2, q.dtype)
+            for shape, q in stacks.items()}
+
+  return projectors.unstack(
+      plans, compat.cond(resampled, changes, unchanged, stacks))
+
+
 def _momentum_step(
     plan: LeafPlan,
     u: jax.Array,
     c: jax.Array,
+    q: jax.Array | None,
+    transition: jax.Array | None,
     b1: float,
     nesterov: bool,
-    key: jax.Array,
-    index: jax.Array,
     resampled: jax.Array,
-    transfer: MomentumTransfer,
 ) -> tuple[jax.Array, jax.Array]:
-  """One leaf's (output, new momentum), in float32; see the formulas above."""
+  """One leaf's (output, new momentum), in float32; see the formulas above.
+
+  ``transition`` moves the momentum into the subspace of ``q`` at a
+  resample (None: start again from zero).
+  """
   side = plan.side
   if side is None:  # not projected: a full momentum
     c = c.astype(jnp.float32)
     c_new = b1 * c + (1 - b1) * u
     out = b1 * c_new + (1 - b1) * u if nesterov else c_new
     return out, c_new
+  assert q is not None
 
-  # Everything below waits for this leaf's update (see `compat.after`), and
-  # the leaf's whole step is one branch: its full-size temporaries (the
-  # up-projection, the output) then live only while this leaf is updated.
-  index, c = compat.after(index, u), compat.after(c, u)
-  q = projectors.random_projector(key, plan, index)
+  # Everything below waits for this leaf's update (`compat.after`): its
+  # full-size temporaries (the up-projection, the output) then live only
+  # while this leaf is updated, not from the start of the step.
+  c = compat.after(c, u).astype(jnp.float32)
 
-  def moved(c, q):
-    if transfer == 'reset':
-      return jnp.zeros(c.shape, jnp.float32)
-    q_old = projectors.random_projector(key, plan, index - 1)
-    return projectors.change_basis(
-        q_old, q, c, side, least_squares=transfer == 'least_squares'
-    )
+  def moved(c, transition):
+    if transition is None:  # momentum_transfer='reset'
+      return jnp.zeros_like(c)
+    return projectors.apply_basis_change(transition, c, side)
 
-  def step(transfer_first):
-    def run(u, c, q):
-      c = moved(c, q) if transfer_first else c.astype(jnp.float32)
-      c_new = b1 * c + (1 - b1) * projectors.project_down(q, u, side)
-      history = c_new if nesterov else c
-      out = b1 * projectors.project_up(q, history, side) + (1 - b1) * u
-      return out, c_new
-    return run
-
-  return compat.cond(resampled, step(True), step(False), u, c, q)
+  c = compat.cond(resampled, moved, lambda c, _: c, c, transition)
+  c_new = b1 * c + (1 - b1) * projectors.project_down(q, u, side)
+  history = c_new if nesterov else c
+  out = b1 * projectors.project_up(q, history, side) + (1 - b1) * u
+  return out, c_new
 
 
 def _check_paper_transfer(plan: LeafPlan, b1, kappa) -> None:

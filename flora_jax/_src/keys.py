@@ -155,6 +155,17 @@ def per_slice(
   """
   if not batch_shape:
     return sample(key)
+  draws = jax.vmap(lambda s: sample(jax.random.fold_in(key, s)))(
+      slice_numbers(batch_shape))
+  return draws.reshape(batch_shape + draws.shape[1:])
+
+
+def slice_numbers(batch_shape: tuple[int, ...]) -> jax.Array:
+  """The numbers ``s`` that `per_slice` folds into a stacked leaf's key.
+
+  ``0, 1, ...`` row-major over ``batch_shape``; inside `drawing_layer`,
+  those of its layer in the full stack (``batch_shape[0]`` must be 1).
+  """
   first = 0
   layer = _LAYER.get()
   if layer is not None:
@@ -164,6 +175,4 @@ def per_slice(
           ' layers on its axis 0.'
       )
     first = layer * math.prod(batch_shape[1:])
-  slices = first + jnp.arange(math.prod(batch_shape), dtype=jnp.int32)
-  draws = jax.vmap(lambda s: sample(jax.random.fold_in(key, s)))(slices)
-  return draws.reshape(batch_shape + draws.shape[1:])
+  return first + jnp.arange(math.prod(batch_shape), dtype=jnp.int32)

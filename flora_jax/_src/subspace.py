@@ -32,6 +32,7 @@ from flora_jax._src import deprecation
 from flora_jax._src import keys
 from flora_jax._src import projection
 from flora_jax._src import projectors
+from flora_jax._src import refresh
 from flora_jax._src import settings
 from flora_jax._src import tree_util
 from flora_jax._src import validation
@@ -39,6 +40,7 @@ from flora_jax._src.fira import FiraResidual
 from flora_jax._src.fira import Formulation
 from flora_jax._src.projection import LeafPlan
 from flora_jax._src.projection import ProjectionRule
+from flora_jax._src.refresh import RefreshSchedule
 
 ProjectorName = Literal['svd', 'randomized', 'random']
 
@@ -56,6 +58,8 @@ class GaLoreState(NamedTuple):
   # f32[..., dim, r], all zeros until the leaf's first usable gradient.
   # optax.MaskedNode() for leaves that are not projected and for the
   # 'random' projector, which is regenerated from `key` instead of stored.
+  # With refresh_schedule='staggered', a `StaggeredProjectors` of these
+  # and each stacked slice's refresh phase.
   projectors: optax.Params
   # The inner optimizer's state, initialised on the low-rank shapes
   # (..., r, n) / (..., m, r) of projected leaves and on the full shapes of
@@ -68,6 +72,25 @@ class GaLoreState(NamedTuple):
   # {'update_proj_gap=... projector=... plans=...': int8[]}: what the state
   # was made for; `update` refuses a state made for other settings.
   settings: dict[str, jax.Array]
+
+
+class StaggeredProjectors(NamedTuple):
+  """`GaLoreState.projectors` under ``refresh_schedule='staggered'``."""
+
+  # Per projected leaf, Q as in `GaLoreState.projectors`.
+  projectors: optax.Params
+  # Per projected leaf, int32[...] per stacked slice: the slice is refitted
+  # when (count - phase) % T == 0 (see `refresh.staggered_phases`); fixed at
+  # init from the whole tree, and kept here so that every part of it (a
+  # layer of `flora_jax.fused_train_step`) refreshes on the same steps.
+  phases: optax.Params
+
+
+def stored_projectors(projectors: Any) -> Any:
+  """The tree of Q of `GaLoreState.projectors`, staggered or not."""
+  if isinstance(projectors, StaggeredProjectors):
+    return projectors.projectors
+  return projectors
 
 
 @deprecation.flat_projection_arguments
@@ -83,6 +106,8 @@ def scale_by_galore(
     canonical_signs: bool = True,
     power_iterations: int = 2,
     oversampling: int = 8,
+    refresh_schedule: RefreshSchedule = 'synchronous',
+    distribute_refresh: bool = True,
     residual: FiraResidual | None = None,
 ) -> optax.GradientTransformation:
   r"""Runs ``inner`` in the low-rank gradient subspace of each projected matrix.
@@ -97,12 +122,39 @@ def scale_by_galore(
     N_t, s_t = \mathrm{inner.update}(R_t, s_{t-1}), \qquad
     \text{output}_t = \text{scale} \cdot \mathrm{up}(N_t).
 
-  ``Q`` is refitted on steps ``1, T+1, 2T+1, ...`` (``count % T == 0``)
-  inside one `jax.lax.cond`, so the factorisation runs only then, also for
-  stacked ``(L, m, n)`` leaves (batched linear algebra, not ``vmap``). A
-  slice whose gradient is zero or not finite at a refresh keeps its previous
-  projector; a slice that never had one is refitted at the next step. Leaves
-  that are not projected go through ``inner`` at full size, unscaled.
+  With ``refresh_schedule='synchronous'`` (GaLore's and Fira's published
+  schedule) every ``Q`` is refitted on steps ``1, T+1, 2T+1, ...``
+  (``count % T == 0``), each leaf inside its own `jax.lax.cond`, so the
+  factorisation runs only then, also for stacked ``(L, m, n)`` leaves
+  (slice by slice, not ``vmap``). With ``'staggered'`` every matrix (each
+  stacked slice of a leaf on its own) is fitted at the first step and then
+  refitted every ``T`` steps at its own phase ``p`` (``(count - p) % T ==
+  0``): the phases are spread over ``[0, T)`` by SVD cost (see
+  `flora_jax._src.refresh.staggered_phases`), so that each step refits
+  about ``1/T`` of the cost instead of one step in ``T`` refitting all of
+  it; the phases are fixed at ``init`` and kept in the state (a
+  `StaggeredProjectors`). A due slice of a stack is fitted alone, except
+  where the stack's slices are sharded (Explicit sharding): there the whole
+  stack is fitted, where its slices are, and the due slices kept. A slice
+  whose gradient is zero or not finite at a refresh keeps its previous
+  projector; a slice that never had one is
+  refitted at the next step. Leaves that are not projected go through
+  ``inner`` at full size, unscaled.
+
+  Under a mesh of more than one device (``jax.set_mesh(mesh)`` around the
+  traced update: `jax.sharding.get_abstract_mesh`, its axes that are not
+  Manual) and with ``distribute_refresh``, a refresh shares its
+  factorisations among the devices instead of every device repeating all
+  of them: the gradients of the projected leaves that have the same matrix
+  shape, side and rank (every stacked slice counted) are stacked, split
+  over all the mesh's devices, each device fits its share one matrix at a
+  time, and the projectors are gathered back into their layouts. The
+  projectors are the single-device ones. The stack is a float32 copy of
+  that group's gradients (``k m n`` numbers for ``k`` matrices of ``m x
+  n``, split over the devices), made inside the refresh branch only, for
+  one group at a time. With ``'staggered'``, steps at which a group has
+  never-fitted slices (the first step) are spread this way; the few slices
+  due at the other steps are fitted on every device.
 
   A leaf the rule selects is projected only if that shrinks its state: the
   stored projector (and Fira's norms) plus ``inner``'s state of the
@@ -145,6 +197,14 @@ def scale_by_galore(
       `optax.contrib.galore` exactly.
     power_iterations: of the ``'randomized'`` projector.
     oversampling: of the ``'randomized'`` projector.
+    refresh_schedule: ``'synchronous'`` (every projector at the same steps,
+      as published) or ``'staggered'`` (each stacked slice of each leaf at
+      its own phase, fitted ``projector`` only; ``update_proj_gap`` must be
+      a Python int). Recorded in the state's settings: a state made with
+      one is refused by the other.
+    distribute_refresh: share a refresh's factorisations among the devices
+      of the mesh the update is traced under (see above); no effect without
+      a mesh of more than one device, or with ``projector='random'``.
     residual: None for GaLore; a `FiraResidual` adds Fira's scaled residual
       and norm-growth limiter (that is `scale_by_fira`).
 
@@ -174,8 +234,12 @@ def scale_by_galore(
       'residual', residual, (FiraResidual, type(None)),
       'None or a flora_jax.FiraResidual',
   )
+  staggered = _check_schedule(refresh_schedule, projector, update_proj_gap)
   source = _projector_source(
-      projector, canonical_signs, power_iterations, oversampling
+      projector, canonical_signs, power_iterations, oversampling,
+      staggered=staggered,
+      distribute=validation.check_bool('distribute_refresh',
+                                       distribute_refresh),
   )
 
   def plan(tree):
@@ -187,8 +251,11 @@ def scale_by_galore(
   def recorded_settings(plans):
     # Only regenerated projectors carry data compressed with a draw.
     draws = keys.stacked_draws_setting(plans) if projector == 'random' else {}
+    # Only when staggered: states of the published schedule keep the
+    # settings (and checkpoints) of earlier versions.
+    schedule = dict(refresh_schedule=refresh_schedule) if staggered else {}
     return dict(plans=plans, update_proj_gap=update_proj_gap,
-                projector=projector, **draws)
+                projector=projector, **draws, **schedule)
 
   announce = projection.plan_announcer(
       'flora_jax.scale_by_fira' if residual else 'flora_jax.scale_by_galore'
@@ -199,13 +266,15 @@ def scale_by_galore(
     plans = plan(params)
     announce(plans)
     return _initial_state(inner, plans, source, residual, key, params,
-                          settings.record(**recorded_settings(plans)))
+                          settings.record(**recorded_settings(plans)),
+                          update_proj_gap)
 
   def update_fn(updates, state, params=None):
     validation.check_updates_match_params(updates, params)
     validation.check_same_paths(
         updates,
-        jax.tree.map(lambda _: 0, state.projectors, is_leaf=_is_masked_node),
+        jax.tree.map(lambda _: 0, stored_projectors(state.projectors),
+                     is_leaf=_is_masked_node),
         'the projectors',
     )
     # The parameters' dtypes decided at init what is projected; gradients
@@ -253,6 +322,8 @@ def scale_by_fira(
     canonical_signs: bool = True,
     power_iterations: int = 2,
     oversampling: int = 8,
+    refresh_schedule: RefreshSchedule = 'synchronous',
+    distribute_refresh: bool = True,
 ) -> optax.GradientTransformation:
   r"""`scale_by_galore` plus Fira's scaled residual and norm-growth limiter.
 
@@ -276,6 +347,8 @@ def scale_by_fira(
     canonical_signs: as in `scale_by_galore`.
     power_iterations: as in `scale_by_galore`.
     oversampling: as in `scale_by_galore`.
+    refresh_schedule: as in `scale_by_galore`.
+    distribute_refresh: as in `scale_by_galore`.
 
   Returns:
     An `optax.GradientTransformation` whose state is `GaLoreState`.
@@ -301,19 +374,25 @@ def scale_by_fira(
       canonical_signs=canonical_signs,
       power_iterations=power_iterations,
       oversampling=oversampling,
+      refresh_schedule=refresh_schedule,
+      distribute_refresh=distribute_refresh,
       residual=FiraResidual(formulation, growth_limit),
   )
 
 
 def _initial_state(inner, plans, source, residual, key, params,
-                   recorded) -> GaLoreState:
+                   recorded, gap) -> GaLoreState:
   low_rank = _low_rank_params(plans, params)
   inner_state = inner.init(low_rank)
   _check_inner_runs_on_shapes(inner, low_rank, inner_state)
+  stored = jax.tree.map(source.initial, plans)
+  if getattr(source, 'staggered', False):
+    stored = StaggeredProjectors(
+        stored, refresh.staggered_phases(plans, gap, source.cost))
   return GaLoreState(
       count=jnp.zeros([], jnp.int32),
       key=keys.as_prng_key(key),
-      projectors=jax.tree.map(source.initial, plans),
+      projectors=stored,
       inner_state=inner_state,
       residual_norms=jax.tree.map(
           residual.initial_norm if residual else _masked_node, plans
@@ -455,6 +534,9 @@ class _FittedProjectors:
   """'svd' and 'randomized': refitted to the gradient, stored in the state."""
 
   fit: Callable[[LeafPlan, jax.Array, jax.Array], jax.Array]  # (plan, g, key)
+  cost: Callable[[LeafPlan], float] = refresh.svd_cost  # of one slice's fit
+  staggered: bool = False
+  distribute: bool = True
   stores_projectors = True
 
   def initial(self, plan: LeafPlan):
@@ -463,53 +545,177 @@ class _FittedProjectors:
     return optax.MaskedNode()
 
   def advance(self, plans, updates, state, gap, transfer_moments):
-    scheduled = state.count % gap == 0
-    refresh_index = state.count // gap
-
-    def refit(plan, g, q_old):
-      """One leaf's projectors; the factorisation runs only when due."""
-      if not plan.projected:
-        return q_old
-      missing = _never_fitted(q_old)
-
-      def fit(g, q_old):
-        q_new = self.fit(
-            plan, g, keys.projection_key(state.key, plan.path, refresh_index)
-        )
-        usable = jnp.all(jnp.isfinite(g), axis=(-2, -1)) & jnp.any(
-            g != 0, axis=(-2, -1)
-        )
-        usable &= jnp.all(jnp.isfinite(q_new), axis=(-2, -1))
-        take = usable & (scheduled | missing)
-        return jnp.where(take[..., None, None], q_new, q_old)
-
-      # One branch per leaf, not one for all: a single branch would need
-      # every gradient at once and keep them all, and every leaf's SVD
-      # outputs, alive until the last factorisation ends.
-      return compat.cond(scheduled | jnp.any(missing), fit,
-                         lambda g, q_old: q_old, g, q_old)
-
-    stored = jax.tree.map(refit, plans, updates, state.projectors)
+    old = stored_projectors(state.projectors)
+    schedule = _Schedule.of(self.staggered, state, gap)
+    axes = refresh.mesh_axes() if self.distribute else ()
+    if axes:
+      new = self._spread_refits(plans, updates, old, schedule, axes)
+    else:
+      new = jax.tree.map(
+          lambda plan, g, q_old, phase: self._refit(plan, g, q_old, schedule,
+                                                    phase),
+          plans, updates, old, schedule.phases,
+      )
     inner_state = state.inner_state
     if transfer_moments:
-      # Unchanged leaves have q_old == q_new: moving their moments is a
-      # no-op, so one branch for the whole state is exact.
-      any_missing = jnp.any(jnp.stack([
-          jnp.any(_never_fitted(q))
-          for plan, q in zip(jax.tree.leaves(plans),
-                             jax.tree.leaves(state.projectors,
-                                             is_leaf=_is_masked_node),
-                             strict=True)
-          if plan.projected
-      ] or [False]))
-      inner_state = compat.cond(
-          scheduled | any_missing,
-          lambda s: _transfer_first_moments(s, plans, state.projectors,
-                                            stored),
-          lambda s: s,
-          inner_state,
+      inner_state = _transfer_first_moments(
+          inner_state, plans, old, new,
+          when=jax.tree.map(
+              lambda plan, q, phase: schedule.any_taken(q, phase)
+              if plan.projected else None,
+              plans, old, schedule.phases),
+          only_changed=self.staggered,
       )
-    return stored, stored, inner_state
+    stored = (StaggeredProjectors(new, state.projectors.phases)
+              if self.staggered else new)
+    return stored, new, inner_state
+
+  def _fit_one(self, plan):
+    """Fits one slice of ``plan``'s leaf: ``(matrix, key) -> Q``."""
+    matrix = LeafPlan(plan.path, plan.shape[-2:], plan.side, plan.rank)
+    return lambda g, key: self.fit(matrix, g, key)
+
+  def _refit(self, plan, g, q_old, schedule, phase):
+    """One leaf's projectors; the factorisation runs only when due."""
+    if not plan.projected:
+      return q_old
+    if not self.staggered:
+      return self._refit_all(plan, g, q_old, schedule)
+    take = schedule.taken(q_old, phase)
+    key = schedule.state_key(plan)
+
+    def fit(g, q_old):
+      if plan.batch_shape and not any(
+          compat.explicit_spec(g)[:len(plan.batch_shape)]):
+        # Only the due slices: one SVD per step, not one per slice.
+        q_new = refresh.fit_where(
+            self._fit_one(plan), projectors.gather_matrix_axes(g), q_old,
+            take, refresh.slice_keys(key, plan.batch_shape))
+      else:
+        # A stack sharded along its slices (Explicit) is fitted where its
+        # slices are, all of them (see `compat.each_matrix`).
+        q_new = self.fit(plan, g, key)
+      ok = take & refresh.usable(g, q_new)
+      return jnp.where(ok[..., None, None], q_new, q_old)
+
+    # One branch per leaf, as in `_refit_all`.
+    return compat.cond(jnp.any(take), fit, lambda g, q_old: q_old, g, q_old)
+
+  def _refit_all(self, plan, g, q_old, schedule):
+    """The synchronous refit of one leaf: every slice, when scheduled."""
+    scheduled = schedule.scheduled
+    missing = _never_fitted(q_old)
+
+    def fit(g, q_old):
+      q_new = self.fit(plan, g, schedule.state_key(plan))
+      usable = jnp.all(jnp.isfinite(g), axis=(-2, -1)) & jnp.any(
+          g != 0, axis=(-2, -1)
+      )
+      usable &= jnp.all(jnp.isfinite(q_new), axis=(-2, -1))
+      take = usable & (scheduled | missing)
+      return jnp.where(take[..., None, None], q_new, q_old)
+
+    # One branch per leaf, not one for all: a single branch would need
+    # every gradient at once and keep them all, and every leaf's SVD
+    # outputs, alive until the last factorisation ends.
+    return compat.cond(scheduled | jnp.any(missing), fit,
+                       lambda g, q_old: q_old, g, q_old)
+
+  def _spread_refits(self, plans, updates, old, schedule, axes):
+    """The refits of a step, those of each fit shape spread over ``axes``."""
+    flat_plans, treedef = jax.tree.flatten(plans)
+    leaves = list(zip(flat_plans, treedef.flatten_up_to(updates),
+                      treedef.flatten_up_to(old),
+                      treedef.flatten_up_to(schedule.phases), strict=True))
+    groups: dict[Any, list[int]] = {}
+    for i, plan in enumerate(flat_plans):
+      if plan.projected:
+        groups.setdefault((plan.shape[-2:], plan.side, plan.rank), []).append(i)
+    new = [q for _, _, q, _ in leaves]
+    for members in groups.values():
+      refitted = self._refit_group([leaves[i] for i in members], schedule,
+                                   axes)
+      for i, q in zip(members, refitted, strict=True):
+        new[i] = q
+    return jax.tree.unflatten(treedef, new)
+
+  def _refit_group(self, group, schedule, axes):
+    """The projectors of leaves of one fit shape, their fits spread over the
+    devices of ``axes`` (see `refresh.spread_fit`).
+
+    ``group``: (plan, gradient, stored projectors, phases) per leaf.
+    """
+    plans, gs, qs, phases = (list(x) for x in zip(*group, strict=True))
+    takes = [schedule.taken(q, phase)
+             for q, phase in zip(qs, phases, strict=True)]
+
+    def spread(gs, qs):
+      q_news = refresh.spread_fit(
+          self._fit_one(plans[0]), gs,
+          [refresh.slice_keys(schedule.state_key(plan), plan.batch_shape)
+           for plan in plans],
+          takes, qs, axes)
+      return [jnp.where((take & refresh.usable(g, q_new))[..., None, None],
+                        q_new, q_old)
+              for g, q_new, q_old, take in zip(gs, q_news, qs, takes,
+                                                strict=True)]
+
+    def locally(gs, qs):
+      return [self._refit(plan, g, q, schedule, phase)
+              for plan, g, q, phase in zip(plans, gs, qs, phases, strict=True)]
+
+    missing = jnp.any(jnp.stack([jnp.any(_never_fitted(q)) for q in qs]))
+    if self.staggered:
+      # Few slices are due at a step: those are fitted where they are; the
+      # first fit of all of them is spread.
+      return compat.cond(missing, spread, locally, gs, qs)
+    # One branch per group, not per leaf: its stack holds all its gradients.
+    return compat.cond(schedule.scheduled | missing, spread,
+                       lambda gs, qs: qs, gs, qs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+  """Which slices a step refits, and the keys their fits draw from."""
+
+  count: jax.Array
+  base_key: jax.Array
+  gap: Any
+  phases: Any  # per leaf: int32 phases (staggered), else 0
+  staggered: bool
+
+  @classmethod
+  def of(cls, staggered, state, gap):
+    if staggered:
+      phases = state.projectors.phases
+    else:
+      # A placeholder of the projectors' structure (masked leaves kept).
+      phases = jax.tree.map(lambda _: 0, state.projectors)
+    return cls(state.count, state.key, gap, phases, staggered)
+
+  @property
+  def scheduled(self) -> jax.Array:
+    """Synchronous: whether this step refreshes every projector."""
+    return self.count % self.gap == 0
+
+  @property
+  def key_index(self) -> jax.Array:
+    # Staggered slices refresh at any step: the count keeps their fits'
+    # draws apart (the first fit and the first refresh share count // T).
+    return self.count if self.staggered else self.count // self.gap
+
+  def state_key(self, plan: LeafPlan) -> jax.Array:
+    return keys.projection_key(self.base_key, plan.path, self.key_index)
+
+  def taken(self, q_old: jax.Array, phase: Any) -> jax.Array:
+    """Per stacked slice: due now, or never fitted."""
+    missing = _never_fitted(q_old)
+    if not self.staggered:
+      return self.scheduled | missing
+    return ((self.count - phase) % self.gap == 0) | missing
+
+  def any_taken(self, q_old: jax.Array, phase: Any) -> jax.Array:
+    return jnp.any(self.taken(q_old, phase))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,13 +733,7 @@ class _RegeneratedProjectors:
     index = state.count // gap
 
     def regenerate(index):
-      # Each leaf's projector waits for its gradient (see `compat.after`).
-      return jax.tree.map(
-          lambda plan, g: projectors.random_projector(
-              state.key, plan, compat.after(index, g))
-          if plan.projected else None,
-          plans, updates,
-      )
+      return projectors.random_projectors(state.key, plans, index)
 
     current = regenerate(index)
     inner_state = state.inner_state
@@ -549,8 +749,24 @@ class _RegeneratedProjectors:
     return state.projectors, current, inner_state
 
 
+def _check_schedule(refresh_schedule, projector, update_proj_gap) -> bool:
+  """Whether the refresh is staggered; raises on what cannot be."""
+  validation.check_choice('refresh_schedule', refresh_schedule,
+                          RefreshSchedule)
+  if refresh_schedule != 'staggered':
+    return False
+  if projector == 'random':
+    raise ValueError(
+        "refresh_schedule='staggered' staggers the refits of fitted"
+        " projectors ('svd', 'randomized'); projector='random' regenerates"
+        " its projectors from the key at no cost, use 'synchronous'.")
+  # The phases are laid out over T at init.
+  validation.check_positive_int('update_proj_gap', update_proj_gap)
+  return True
+
+
 def _projector_source(projector, canonical_signs, power_iterations,
-                      oversampling):
+                      oversampling, *, staggered=False, distribute=True):
   validation.check_choice('projector', projector, ProjectorName)
   validation.check_bool('canonical_signs', canonical_signs)
   for name, value in (('power_iterations', power_iterations),
@@ -565,13 +781,18 @@ def _projector_source(projector, canonical_signs, power_iterations,
     return _FittedProjectors(
         lambda plan, g, key: projectors.svd_projector(
             g, plan, canonical_signs=canonical_signs
-        )
+        ),
+        staggered=staggered, distribute=distribute,
     )
   return _FittedProjectors(
       lambda plan, g, key: projectors.randomized_projector(
           key, g, plan, power_iterations=power_iterations,
           oversampling=oversampling, canonical_signs=canonical_signs,
-      )
+      ),
+      # The sketch's products dominate: m n (r + p) per pass.
+      cost=lambda plan: float(math.prod(plan.shape[-2:])
+                              * (plan.rank + oversampling)),
+      staggered=staggered, distribute=distribute,
   )
 
 
@@ -580,25 +801,45 @@ def _never_fitted(q: jax.Array) -> jax.Array:
   return jnp.all(q == 0, axis=(-2, -1))
 
 
-def _transfer_first_moments(inner_state, plans, old_projectors, new_projectors):
-  """Moves every first moment of ``inner_state`` into the new subspaces."""
+def _transfer_first_moments(inner_state, plans, old_projectors, new_projectors,
+                            *, when=None, only_changed=False):
+  """Moves every first moment of ``inner_state`` into the new subspaces.
+
+  ``when``: None to move every leaf's moments, or a tree like ``plans`` of
+  bool scalars, each leaf's moments then moved in its own `jax.lax.cond`.
+  ``only_changed``: keep the moments of slices whose projector is the same
+  (moving them would change them by float rounding).
+  """
   params_structure = jax.tree.structure(plans)
+  if when is None:
+    when = jax.tree.map(lambda _: None, plans)
 
   def holds_moment(x):
     return isinstance(x, tuple) and any(
         f in getattr(x, '_fields', ()) for f in _FIRST_MOMENT_FIELDS
     )
 
-  def move(plan, moment, q_old, q_new):
+  def move(plan, moment, q_old, q_new, due):
     if not plan.projected:
       return moment
-    # Least squares: for orthonormal (fitted) projectors the same as
-    # down_new(up_old(m)); for Gaussian ones ('random') the only stable
-    # choice, see `change_basis`.
-    moved = projectors.change_basis(
-        q_old, q_new, moment, plan.side, least_squares=True
-    )
-    return moved.astype(moment.dtype)
+
+    def change(moment, q_old, q_new):
+      # Least squares: for orthonormal (fitted) projectors the same as
+      # down_new(up_old(m)); for Gaussian ones ('random') the only stable
+      # choice, see `change_basis`.
+      moved = projectors.change_basis(
+          q_old, q_new, moment, plan.side, least_squares=True
+      ).astype(moment.dtype)
+      if not only_changed:
+        return moved
+      changed = jnp.any(q_old != q_new, axis=(-2, -1))
+      return jnp.where(changed[..., None, None], moved, moment)
+
+    if due is None:
+      return change(moment, q_old, q_new)
+    # One branch per leaf, like the refits.
+    return compat.cond(due, change, lambda moment, *_: moment, moment, q_old,
+                       q_new)
 
   def visit(node):
     if not holds_moment(node):
@@ -608,7 +849,7 @@ def _transfer_first_moments(inner_state, plans, old_projectors, new_projectors):
       moment = getattr(node, field, None)
       if moment is not None and jax.tree.structure(moment) == params_structure:
         changes[field] = jax.tree.map(
-            move, plans, moment, old_projectors, new_projectors
+            move, plans, moment, old_projectors, new_projectors, when
         )
     return node._replace(**changes)
 
