@@ -1140,6 +1140,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.train_batch, args.tiny_batch = (2, 32), (1, 16)
   if args.quick and not args.only:
     args.only = QUICK_ONLY
+  known = {c.key for c in candidates()} | {'flora_opt'}
+  unknown = set(args.only.split(',')) - known - {''}
+  if unknown:
+    parser.error(f'--only: no candidate {", ".join(sorted(unknown))}')
   args.sizes = [s for s in args.sizes.split(',') if s]
   args.compile_sizes = [s for s in args.compile_sizes.split(',') if s]
   args.out = args.out or pathlib.Path(__file__).parent / (
@@ -1148,6 +1152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def select(cands: Sequence[Candidate], only: str) -> list[Candidate]:
+  """The candidates named in ``only`` (all if empty), and the units."""
   if not only:
     return list(cands)
   wanted = {ADAMW, ADAFACTOR} | set(only.split(','))
