@@ -190,7 +190,8 @@ class FloraMultiSteps:
     cycle = state.gradient_step
     k = self._cycle_length(cycle)
     # Drawn once per step: the same projectors compress now and, at the end
-    # of the cycle, decompress; they wait for the gradients.
+    # of the cycle, decompress (drawn from the state, see
+    # `projectors.draw_stacks`).
     drawn = projectors.random_projectors(state.key, plans, cycle,
                                          self._sketch)
     acc = jax.tree.map(self._accumulate, plans, updates, state.acc_sketch,
