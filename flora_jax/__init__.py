@@ -15,6 +15,8 @@ from flora_jax import projections
 from flora_jax._src.accumulation import FloraMultiSteps
 from flora_jax._src.accumulation import FloraMultiStepsState
 from flora_jax._src.adam_hf import scale_by_adam_hf
+from flora_jax._src.alias import apollo
+from flora_jax._src.alias import apollo_mini
 from flora_jax._src.alias import fira
 from flora_jax._src.alias import flora
 from flora_jax._src.alias import galore
@@ -28,6 +30,9 @@ from flora_jax._src.flora import scale_by_flora_momentum
 from flora_jax._src.fused import fused_train_step
 from flora_jax._src.lora_plus import lora_plus
 from flora_jax._src.memory import memory_report
+from flora_jax._src.apollo import scale_by_apollo
+from flora_jax._src.projection import DimensionNumbers
+from flora_jax._src.projection import path_dimension_numbers
 from flora_jax._src.projection import path_mask
 from flora_jax._src.projection import ProjectionRule
 from flora_jax._src.quantization import quantize_state
@@ -42,9 +47,10 @@ from flora_jax._src.subspace import GaLoreState
 from flora_jax._src.subspace import scale_by_fira
 from flora_jax._src.subspace import scale_by_galore
 
-__version__ = '0.7.0'
+__version__ = '0.8.0'
 
 __all__ = (
+    'DimensionNumbers',
     'FiraResidual',
     'FloraCompressState',
     'FloraMomentumState',
@@ -56,6 +62,8 @@ __all__ = (
     'QuantizedState',
     'StochasticRoundingState',
     'adopt_settings',
+    'apollo',
+    'apollo_mini',
     'apply_shardings',
     'fira',
     'flora',
@@ -66,10 +74,12 @@ __all__ = (
     'lora_plus',
     'memory',
     'memory_report',
+    'path_dimension_numbers',
     'path_mask',
     'projections',
     'quantize_state',
     'scale_by_adam_hf',
+    'scale_by_apollo',
     'scale_by_fira',
     'scale_by_flora_momentum',
     'scale_by_galore',

@@ -430,3 +430,19 @@ def test_nnx_stack_with_untrained_variables_is_refused():
   optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
   with pytest.raises(ValueError, match='not trained'):
     _nnx_fused(model, optimizer)
+
+
+def test_apollo_fused_steps_equal_the_ordinary_steps():
+  """APOLLO's per-slice scales and limiter norms split by layer exactly."""
+  tx = flora_jax.apollo(1e-2, rank=RANK, update_proj_gap=2, min_dim=16)
+  ordinary, fused = _ordinary(tx), _fused(tx)
+  p1 = p2 = PARAMS
+  s1 = s2 = tx.init(PARAMS)
+  for tokens in BATCHES[:3]:  # a new projection at the third step
+    p1, s1, l1 = ordinary(p1, s1, tokens)
+    p2, s2, l2 = fused(p2, s2, tokens)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+  worst = max(_relative_errors(p1, p2).items(), key=lambda kv: kv[1])
+  assert worst[1] <= 1e-5, worst
+  worst = max(_relative_errors(s1, s2).items(), key=lambda kv: kv[1])
+  assert worst[1] <= 1e-4, worst

@@ -188,3 +188,12 @@ def test_the_report_itself_does_not_warn():
   assert report.projected_fraction == 0.0
   assert np.isclose(report.state_bytes / report.adamw_state_bytes,
                     report.state_bytes / (2 * 4 * 64 * 64 + 4))
+
+
+def test_a_second_report_on_the_same_transform_is_the_same():
+  """`jax.eval_shape` caches traces: the plans must be recorded anyway."""
+  params = {'w': jax.ShapeDtypeStruct((256, 512), jnp.float32)}
+  tx = flora_jax.galore(1e-3, rank=8)
+  first, second = (flora_jax.memory_report(tx, params) for _ in range(2))
+  assert first.leaves[0].projected and second.leaves[0].projected
+  assert first.table() == second.table()

@@ -16,16 +16,18 @@ import flora_jax
 
 SUPPORTED = {
     # optimizers and transforms
-    'flora', 'galore', 'fira', 'lora_plus', 'flora_compress',
-    'scale_by_flora_momentum', 'FloraMultiSteps', 'scale_by_galore',
-    'scale_by_fira', 'limit_norm_growth', 'scale_by_adam_hf',
+    'flora', 'galore', 'fira', 'apollo', 'apollo_mini', 'lora_plus',
+    'flora_compress', 'scale_by_flora_momentum', 'FloraMultiSteps',
+    'scale_by_galore', 'scale_by_fira', 'scale_by_apollo',
+    'limit_norm_growth', 'scale_by_adam_hf',
     'stochastic_rounding', 'quantize_state',
     # their states
     'FloraCompressState', 'FloraMomentumState', 'FloraMultiStepsState',
     'GaLoreState', 'LimitNormGrowthState', 'StochasticRoundingState',
     'QuantizedState',
     # options
-    'ProjectionRule', 'FiraResidual', 'path_mask', 'adopt_settings',
+    'ProjectionRule', 'DimensionNumbers', 'FiraResidual', 'path_mask',
+    'path_dimension_numbers', 'adopt_settings',
     # memory, and the train step that updates inside the backward pass
     'memory_report', 'fused_train_step',
     # sharding

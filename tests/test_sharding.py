@@ -552,3 +552,59 @@ def test_refresh_is_selected_without_the_sequential_scheduler(sharded,
   for a, b in zip(jax.tree.leaves(run.updates), jax.tree.leaves(other.updates),
                   strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------- a MaxText layout on the mesh
+
+
+def test_maxtext_layout_state_follows_the_matrix_view_and_matches_one_device():
+  """Kernels with the layer axis at 1, heads sharded: the state is laid out
+  like each leaf's matrix view, and a sharded APOLLO/Flora run equals the
+  one-device run."""
+  mesh = _mesh()
+  rng = np.random.default_rng(5)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  layers = 2
+  params = {'query': normal(16, layers, 4, 8) / 4,  # [embed, L, heads, hd]
+            'wi': normal(16, layers, 32) / 4}  # [embed, L, mlp]
+  specs = {'query': P('data', None, 'model'), 'wi': P('data', None, 'model')}
+  numbers = {'query': flora_jax.DimensionNumbers(0, (2, 3)),
+             'wi': flora_jax.DimensionNumbers(0, 2)}
+  tx = optax.chain(
+      flora_jax.scale_by_apollo(rule=flora_jax.ProjectionRule(
+          RANK, min_dim=16, dimension_numbers=numbers), update_proj_gap=2),
+      flora_jax.scale_by_flora_momentum(rule=flora_jax.ProjectionRule(
+          RANK, min_dim=16, dimension_numbers=numbers), kappa=2),
+  )
+  state_specs = flora_jax.state_partition_specs(tx, params, specs, mesh=mesh)
+  apollo, flora = state_specs
+  # (L, r, heads * head_dim): the heads' sharding carries to the merged side.
+  assert apollo.inner_state.mu['query'] == P(None, None, 'model')
+  assert flora.momentum['wi'] == P(None, None, 'model')
+
+  grads = [jax.tree.map(lambda x, t=t: x * (t + 1) + 0.1 * t, params)
+           for t in range(STEPS)]
+
+  def run(put, shardings=None):
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    state = jax.jit(tx.init, out_shardings=shardings)(put(params))
+    outputs = []
+    for g in grads:
+      updates, state = step(put(g), state, put(params))
+      outputs.append(updates)
+    return outputs
+
+  def sharded(tree):
+    return jax.tree.map(
+        lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
+
+  with jax.set_mesh(mesh):
+    ours = run(sharded, flora_jax.state_shardings(tx, params, specs,
+                                                  mesh=mesh))
+  reference = run(lambda tree: tree)
+  for a, b in zip(ours, reference, strict=True):
+    for name in params:
+      assert a[name].sharding.spec == specs[name] or a[name].shape == ()
+      # Sharded sums add in another order: float32 rounding of the largest.
+      np.testing.assert_allclose(a[name], b[name], rtol=1e-5,
+                                 atol=1e-5 * float(np.max(np.abs(b[name]))))

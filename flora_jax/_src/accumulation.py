@@ -235,14 +235,14 @@ class FloraMultiSteps:
     """``acc + down(g)`` for one leaf, stored in the accumulator dtype."""
     g32 = g.astype(jnp.float32)
     if plan.side is not None:
-      g32 = projectors.project_down(q, g32, plan.side)
+      g32 = projectors.project_down(q, plan.to_matrix(g32), plan.side)
     return (acc.astype(jnp.float32) + g32).astype(self._accumulator_dtype)
 
   def _decompress(self, plan, acc, q, k):
     """``up(acc)``, divided by ``k`` for the mean; float32."""
     acc = acc.astype(jnp.float32)
     if plan.side is not None:
-      acc = projectors.project_up(q, acc, plan.side)
+      acc = plan.from_matrix(projectors.project_up(q, acc, plan.side))
     return acc / k if self._use_grad_mean else acc
 
   def has_updated(self, state: FloraMultiStepsState) -> jax.Array:

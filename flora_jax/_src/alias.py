@@ -1,4 +1,6 @@
-"""The optimizers: `flora`, `galore` and `fira`, each an `optax.chain`.
+"""The optimizers: `flora`, `galore`, `fira`, `apollo`, `apollo_mini`.
+
+Each is an `optax.chain`.
 
 Each alias takes its projection settings as flat keyword arguments (``rank``,
 ``side``, ``min_dim``, ``max_aspect_ratio``, ``projection_mask``) and builds
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from flora_jax._src import adam_hf
+from flora_jax._src import apollo as apollo_lib
 from flora_jax._src import deprecation
 from flora_jax._src import flora as flora_lib
 from flora_jax._src import keys
@@ -24,6 +27,7 @@ from flora_jax._src import subspace
 from flora_jax._src import tree_util
 from flora_jax._src import validation
 from flora_jax._src.fira import Formulation
+from flora_jax._src.projection import DimensionNumbersOrFn
 from flora_jax._src.projection import MaskOrFn
 from flora_jax._src.projection import ProjectionRule
 from flora_jax._src.projection import Side
@@ -55,6 +59,7 @@ def flora(
     min_dim: int = 128,
     max_aspect_ratio: float | None = 4.0,
     projection_mask: MaskOrFn = None,
+    dimension_numbers: DimensionNumbersOrFn = None,
 ) -> optax.GradientTransformation:
   r"""The Flora optimizer: Adafactor with compressed momentum.
 
@@ -111,6 +116,8 @@ def flora(
     projection_mask: which leaves may have a compressed momentum (an
       optax-style mask; not the decay mask), see `flora_jax.ProjectionRule`.
       ``mask`` is its deprecated spelling.
+    dimension_numbers: where each leaf's matrix is (e.g. a MaxText kernel's
+      axes), see `flora_jax.DimensionNumbers`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -138,7 +145,8 @@ def flora(
   ]
   if b1 is not None:
     rule = ProjectionRule(
-        rank, side, min_dim, max_aspect_ratio, projection_mask
+        rank, side, min_dim, max_aspect_ratio, projection_mask,
+        dimension_numbers=dimension_numbers,
     )
     transforms.append(
         flora_lib.scale_by_flora_momentum(
@@ -184,6 +192,7 @@ def galore(
     min_dim: int = 128,
     max_aspect_ratio: float | None = 4.0,
     projection_mask: MaskOrFn = None,
+    dimension_numbers: DimensionNumbersOrFn = None,
 ) -> optax.GradientTransformation:
   r"""GaLore-AdamW: Adam in the top-``r`` gradient subspace of each matrix.
 
@@ -227,6 +236,8 @@ def galore(
     projection_mask: which leaves may be projected (an optax-style mask; not
       the decay mask), see `flora_jax.ProjectionRule`. ``mask`` is its
       deprecated spelling.
+    dimension_numbers: where each leaf's matrix is (e.g. a MaxText kernel's
+      axes), see `flora_jax.DimensionNumbers`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -241,7 +252,8 @@ def galore(
   in_subspace = functools.partial(
       subspace.scale_by_galore,
       rule=ProjectionRule(rank, side, min_dim, max_aspect_ratio,
-                          projection_mask),
+                          projection_mask,
+                          dimension_numbers=dimension_numbers),
       update_proj_gap=update_proj_gap,
       scale=scale,
       projector=projector,
@@ -286,6 +298,7 @@ def fira(
     min_dim: int = 128,
     max_aspect_ratio: float | None = 4.0,
     projection_mask: MaskOrFn = None,
+    dimension_numbers: DimensionNumbersOrFn = None,
 ) -> optax.GradientTransformation:
   r"""Fira-AdamW: GaLore-AdamW plus the scaled residual and its limiter.
 
@@ -320,6 +333,7 @@ def fira(
     min_dim: as in `galore`.
     max_aspect_ratio: as in `galore`.
     projection_mask: as in `galore`.
+    dimension_numbers: as in `galore`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -334,7 +348,8 @@ def fira(
   in_subspace = functools.partial(
       subspace.scale_by_fira,
       rule=ProjectionRule(rank, side, min_dim, max_aspect_ratio,
-                          projection_mask),
+                          projection_mask,
+                          dimension_numbers=dimension_numbers),
       update_proj_gap=update_proj_gap,
       scale=scale,
       formulation=formulation,
@@ -354,6 +369,135 @@ def fira(
   )
 
 
+def apollo(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 256,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float | None = None,
+    weight_decay: float | None = None,
+    *,
+    granularity: apollo_lib.Granularity = 'channel',
+    growth_limit: float | None = 1.01,
+    weight_decay_mask: MaskOrFn = None,
+    adam: AdamFlavour = 'hf',
+    key: keys.PRNGKeyLike = 0,
+    side: Side = 'auto',
+    min_dim: int = 128,
+    max_aspect_ratio: float | None = 4.0,
+    projection_mask: MaskOrFn = None,
+    dimension_numbers: DimensionNumbersOrFn = None,
+) -> optax.GradientTransformation:
+  r"""APOLLO-AdamW: the gradient scaled per channel as Adam would scale it.
+
+  Per projected matrix ``W <- (W - lr c_t α lim(S ⊙ G)) (1 - lr wd)``: Adam
+  runs on a random projection ``R = down(G)`` (Gaussian, redrawn from the
+  key every ``update_proj_gap`` steps, never stored) and ``S``, the ratio of
+  the norms of its output ``N = m / (sqrt(v) + ε)`` and of ``R`` per channel
+  (the axis that is not compressed), scales the raw gradient; ``lim`` is
+  the norm-growth limiter, ``c_t`` the bias correction (see `galore` for
+  the Adam flavours and the decay of the updated weights; see
+  `scale_by_apollo`). Leaves that are not projected get the same AdamW at
+  full size. The defaults are the paper's: rank 256, T = 200, α = 1, γ =
+  1.01; the paper trains LLaMA with learning rate 1e-2.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    rank: r of the random projection.
+    update_proj_gap: T, steps between new projections.
+    scale: α, the factor on the scaled gradient. The published code's
+      ``scale`` is α²: it multiplies by its square root.
+    b1: Adam's β1.
+    b2: Adam's β2.
+    eps: Adam's ε; None picks the flavour's default (1e-6 for ``'hf'``,
+      1e-8 for ``'optax'``).
+    weight_decay: decoupled weight decay (needs ``params``), None or 0 for
+      none.
+    granularity: ``'channel'`` (APOLLO) or ``'tensor'`` (one scale per
+      matrix, APOLLO-Mini's).
+    growth_limit: γ >= 1 of the norm-growth limiter, None for none.
+    weight_decay_mask: optax-style mask of the leaves to decay.
+    adam: ``'hf'`` (the published code's) or ``'optax'``, as in `galore`.
+    key: an int seed, a typed key or a raw uint32 key.
+    side: as in `galore`.
+    min_dim: as in `galore`.
+    max_aspect_ratio: as in `galore`.
+    projection_mask: as in `galore`.
+    dimension_numbers: as in `galore`.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Example:
+    >>> import flora_jax
+    >>> tx = flora_jax.apollo(1e-2, rank=256)
+
+  References:
+    Zhu et al., 2025, https://arxiv.org/abs/2412.05270
+  """
+  in_subspace = functools.partial(
+      apollo_lib.scale_by_apollo,
+      rule=ProjectionRule(rank, side, min_dim, max_aspect_ratio,
+                          projection_mask,
+                          dimension_numbers=dimension_numbers),
+      update_proj_gap=update_proj_gap,
+      scale=scale,
+      granularity=granularity,
+      growth_limit=growth_limit,
+      key=key,
+  )
+  return _adam_in_subspace(
+      in_subspace, learning_rate, b1, b2, eps, weight_decay, weight_decay_mask,
+      adam,
+  )
+
+
+def apollo_mini(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 1,
+    update_proj_gap: int = 200,
+    scale: float = apollo_lib.APOLLO_MINI_SCALE,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float | None = None,
+    weight_decay: float | None = None,
+    **kwargs: Any,
+) -> optax.GradientTransformation:
+  r"""APOLLO-Mini: `apollo` with one scale per matrix, from a rank-1 sketch.
+
+  ``apollo(..., rank=1, scale=sqrt(128), granularity='tensor')``: the
+  scale of each matrix (each stacked slice) is ``||N|| / ||R||`` over the
+  whole rank-1 projection, so the state per ``m x n`` matrix is two vectors
+  of the uncompressed side's length and one norm, close to SGD's.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    rank: r of the projection (1 in the paper).
+    update_proj_gap: T, steps between new projections.
+    scale: α (the paper's sqrt(128); ``scale=128`` in the published code).
+    b1: Adam's β1.
+    b2: Adam's β2.
+    eps: as in `apollo`.
+    weight_decay: as in `apollo`.
+    **kwargs: the other keyword arguments of `apollo`.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Example:
+    >>> import flora_jax
+    >>> tx = flora_jax.apollo_mini(1e-2)
+
+  References:
+    Zhu et al., 2025, https://arxiv.org/abs/2412.05270
+  """
+  kwargs.setdefault('granularity', 'tensor')
+  return apollo(learning_rate, rank, update_proj_gap, scale, b1, b2, eps,
+                weight_decay, **kwargs)
+
+
 def _adam_in_subspace(
     in_subspace: Callable[[optax.GradientTransformation],
                           optax.GradientTransformation],
@@ -365,7 +509,7 @@ def _adam_in_subspace(
     weight_decay_mask: MaskOrFn,
     adam: AdamFlavour,
 ) -> optax.GradientTransformation:
-  """The `galore`/`fira` chain around ``in_subspace(inner Adam)``."""
+  """The `galore`/`fira`/`apollo` chain around ``in_subspace(inner Adam)``."""
   validation.check_learning_rate('learning_rate', learning_rate)
   validation.check_choice('adam', adam, AdamFlavour)
   validation.check_in_range('b1', b1, 0.0, 1.0)
@@ -437,7 +581,7 @@ def _factored_moment(chain_state: Any) -> Any:
 
 
 def _projectors(chain_state: Any) -> Any:
-  """`galore`'s and `fira`'s projectors: a leaf or MaskedNode per param."""
+  """The subspace chains' projectors: a leaf or MaskedNode per param."""
   return subspace.stored_projectors(chain_state[0].projectors)
 
 

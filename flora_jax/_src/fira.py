@@ -117,7 +117,7 @@ class FiraResidual:
       factor = phi
     else:
       norm = _residual_norm(side, g, q, low_rank, phi, c)
-      shrink = _shrink(norm, previous_norm, self.growth_limit)
+      shrink = growth_divisor(norm, previous_norm, self.growth_limit)
       factor = phi / shrink[..., None, None]
       previous_norm = norm / shrink
     # α up(N) + m lim(S) with m = 1 (code) or α (paper), written with one
@@ -159,11 +159,11 @@ def limit_growth(x, previous_norm, growth_limit):
   """
   x = x.astype(jnp.float32)
   norm = jnp.sqrt(jnp.sum(jnp.square(x)))
-  shrink = _shrink(norm, previous_norm, growth_limit)
+  shrink = growth_divisor(norm, previous_norm, growth_limit)
   return x / shrink, norm / shrink
 
 
-def _shrink(norm, previous_norm, growth_limit):
+def growth_divisor(norm, previous_norm, growth_limit):
   """The limiter's divisor: ``max(||x|| / (γ (previous + 1e-8)), 1)``."""
   return jnp.maximum(
       norm / (growth_limit * (previous_norm + _LIMITER_EPS)), 1.0

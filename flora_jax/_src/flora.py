@@ -142,8 +142,9 @@ def flora_compress(
     def compress(plan, g, q):
       if not plan.projected:
         return g
-      low_rank = projectors.project_down(q, g, plan.side)
-      return projectors.project_up(q, low_rank, plan.side).astype(g.dtype)
+      low_rank = projectors.project_down(q, plan.to_matrix(g), plan.side)
+      back = projectors.project_up(q, low_rank, plan.side)
+      return plan.from_matrix(back).astype(g.dtype)
 
     new_updates = jax.tree.map(compress, plans, updates, drawn)
     return new_updates, FloraCompressState(
@@ -299,10 +300,11 @@ def scale_by_flora_momentum(
 
     def update_leaf(plan, u, c, q, transition):
       out, c_new = _momentum_step(
-          plan, u.astype(jnp.float32), c, q, transition,
+          plan, plan.to_matrix(u.astype(jnp.float32)), c, q, transition,
           b1, nesterov, resampled,
       )
-      return out.astype(u.dtype), c_new.astype(momentum_dtype)
+      return (plan.from_matrix(out).astype(u.dtype),
+              c_new.astype(momentum_dtype))
 
     results = jax.tree.map(update_leaf, plans, updates, state.momentum,
                            drawn, transitions)

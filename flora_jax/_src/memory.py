@@ -145,6 +145,8 @@ class MemoryReport:
       plan = leaf.plan
       how = (f'{plan.side} r={plan.rank}' if leaf.projected and plan
              else 'no')
+      if leaf.projected and plan and plan.axes is not None:
+        how += f' of {plan.matrix_shape}'  # its matrix view
       rows.append((leaf.path, str(leaf.shape), str(leaf.dtype), how,
                    _bytes(leaf.state_bytes), _bytes(leaf.adamw_bytes),
                    leaf.reason or ''))
@@ -211,8 +213,7 @@ def memory_report(tx: optax.GradientTransformation,
       lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
       tree_util.unwrap_variables(params),
   )
-  with projection.recording_plans() as records:
-    state = jax.eval_shape(tx.init, abstract)
+  state, records = projection.abstract_init_with_plans(tx.init, abstract)
   adamw_state = jax.eval_shape(optax.adamw(1e-3).init, abstract)
   ours = tree_util.bytes_per_parameter(state, abstract)
   adamw = tree_util.bytes_per_parameter(adamw_state, abstract)

@@ -2,10 +2,13 @@
 
 Everything that decides *whether* and *how* a matrix-shaped leaf is
 compressed lives here, once, for every projecting transform: arrays with
-``ndim >= 2`` whose last two axes are large enough and not too elongated,
-optionally restricted by a projection mask; leading axes are independent
-stacked matrices (e.g. a scan-over-layers kernel of shape ``(L, m, n)``),
-each slice with its own projector.
+``ndim >= 2`` whose matrix is large enough and not too elongated,
+optionally restricted by a projection mask. By default the matrix is the
+last two axes and the leading axes are independent stacked matrices (e.g. a
+scan-over-layers kernel of shape ``(L, m, n)``), each slice with its own
+projector; `DimensionNumbers` name other axes (a MaxText kernel
+``(embed, layers, heads, head_dim)``), and the transforms then work on the
+leaf's matrix view ``(stack..., rows, columns)`` (`LeafPlan.to_matrix`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flora_jax._src import tree_util
@@ -29,6 +34,125 @@ Side = Literal['auto', 'larger', 'left', 'right']
 # A mask in optax's convention: a pytree (or pytree prefix) of bools, or a
 # callable mapping the parameter tree to one.
 MaskOrFn = Any | Callable[[Any], Any] | None
+
+
+class DimensionNumbers(NamedTuple):
+  """Which axes of a leaf form the matrix that a transform projects.
+
+  The matrix's rows are the ``reduction_axis`` (the input side of ``x @ W``)
+  and its columns the ``output_axis``; several axes on one side are taken
+  together, in the order given (``heads x head_dim`` as one output side);
+  every other axis is a stack of independent matrices, each slice with its
+  own projector. The leaf is projected as its matrix view
+  ``(stack..., prod(reduction), prod(output))``; the updates keep the
+  leaf's layout. The default rule, for leaves given no dimension numbers,
+  is ``DimensionNumbers(-2, -1)``: the last two axes, leading axes stacked.
+
+  The fields are those of `optax.contrib.MuonDimensionNumbers` and
+  `optax.contrib.GaLoreDimensionNumbers`, which are accepted as well.
+
+  Attributes:
+    reduction_axis: the rows' axis or axes (negative counts from the end).
+    output_axis: the columns' axis or axes.
+
+  Example:
+    >>> import jax.numpy as jnp, flora_jax
+    >>> # A MaxText-style scanned attention kernel: (embed, layers, heads,
+    >>> # head_dim), one (embed, heads * head_dim) matrix per layer.
+    >>> query = DimensionNumbers(reduction_axis=0, output_axis=(2, 3))
+    >>> rule = flora_jax.ProjectionRule(8, min_dim=16,
+    ...                                 dimension_numbers={'query': query})
+    >>> plan = rule.plan({'query': jnp.zeros((64, 4, 8, 16))})['query']
+    >>> plan.matrix_shape, plan.side, plan.low_rank_shape
+    ((4, 64, 128), 'left', (4, 8, 128))
+  """
+
+  reduction_axis: int | Sequence[int] = -2
+  output_axis: int | Sequence[int] = -1
+
+
+# Dimension numbers per leaf: a pytree (or prefix) of DimensionNumbers (or
+# optax's) and None (the default rule), or a callable mapping the parameter
+# tree to one.
+DimensionNumbersOrFn = Any | Callable[[Any], Any] | None
+
+
+def is_dimension_numbers(x: Any) -> bool:
+  """Ours, optax's `MuonDimensionNumbers` or `GaLoreDimensionNumbers`."""
+  return isinstance(x, tuple) and hasattr(x, 'reduction_axis') and hasattr(
+      x, 'output_axis')
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixAxes:
+  """A leaf's matrix, resolved: non-negative axes of each role, in order."""
+
+  stack: tuple[int, ...]
+  rows: tuple[int, ...]
+  columns: tuple[int, ...]
+
+  @property
+  def permutation(self) -> tuple[int, ...]:
+    return self.stack + self.rows + self.columns
+
+  @property
+  def is_default(self) -> bool:
+    """The last two axes, one each, leading axes stacked in order."""
+    n = len(self.permutation)
+    return self.permutation == tuple(range(n)) and len(self.rows) == len(
+        self.columns) == 1
+
+  @classmethod
+  def resolve(cls, numbers: Any, path: str,
+              shape: tuple[int, ...]) -> MatrixAxes:
+    """Validates ``numbers`` against ``shape``; errors name ``path``."""
+    ndim = len(shape)
+    sides = {}
+    for name in ('reduction_axis', 'output_axis'):
+      value = getattr(numbers, name)
+      axes = (value,) if isinstance(value, (int, np.integer)) else value
+      if isinstance(axes, str) or not isinstance(axes, Sequence) or not all(
+          isinstance(a, (int, np.integer)) for a in axes):
+        raise TypeError(
+            f'Dimension numbers of {path}: {name} must be an int or a'
+            f' sequence of ints, got {value!r}.')
+      axes = tuple(int(a) for a in axes)
+      if not axes or any(not -ndim <= a < ndim for a in axes):
+        raise ValueError(
+            f'Dimension numbers of {path}: {name}={value!r} is not a'
+            f' non-empty set of axes of its shape {shape} (ndim {ndim}).')
+      sides[name] = tuple(a % ndim for a in axes)
+    rows, columns = sides['reduction_axis'], sides['output_axis']
+    named = rows + columns
+    if len(set(named)) != len(named):
+      raise ValueError(
+          f'Dimension numbers of {path}: reduction_axis {rows} and'
+          f' output_axis {columns} name an axis twice (shape {shape}).')
+    stack = tuple(a for a in range(ndim) if a not in named)
+    return cls(stack, rows, columns)
+
+  def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (tuple(shape[a] for a in self.stack)
+            + (math.prod(shape[a] for a in self.rows),
+               math.prod(shape[a] for a in self.columns)))
+
+  def matrix_spec(self, spec: tuple[Any, ...],
+                  shape: tuple[int, ...]) -> tuple[Any, ...]:
+    """The partition spec of the matrix view of a leaf laid out by ``spec``.
+
+    A side made of several axes keeps the sharding of its first (major)
+    axis when the others are unsharded, the layout a reshape preserves;
+    otherwise it is replicated.
+    """
+    spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+
+    def side(axes):
+      if all(spec[a] is None for a in axes[1:]):
+        return spec[axes[0]]
+      return None
+
+    return tuple(spec[a] for a in self.stack) + (side(self.rows),
+                                                 side(self.columns))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +171,8 @@ class LeafPlan:
     rank: the effective rank, None when the leaf is not projected.
     reason: why the leaf is not projected, ``'<cause>: <detail>'`` (e.g.
       ``'too small: smaller side 64 < min_dim 128'``); None when it is.
+    axes: where the matrix is, for a projected leaf whose `DimensionNumbers`
+      are not the default (the last two axes); None otherwise.
   """
 
   path: str
@@ -54,20 +180,43 @@ class LeafPlan:
   side: Literal['left', 'right'] | None = None
   rank: int | None = None
   reason: str | None = None
+  axes: MatrixAxes | None = None
 
   @property
   def projected(self) -> bool:
     return self.rank is not None
 
   @property
+  def matrix_shape(self) -> tuple[int, ...]:
+    """``(stack..., rows, columns)``: the shape the transforms work on."""
+    if self.axes is None:
+      return self.shape
+    return self.axes.matrix_shape(self.shape)
+
+  @property
   def batch_shape(self) -> tuple[int, ...]:
-    """Leading axes: independent stacked matrices."""
-    return self.shape[:-2]
+    """The stack axes of the matrix view: independent matrices."""
+    return self.matrix_shape[:-2]
 
   @property
   def dim(self) -> int:
     """The size of the compressed axis."""
-    return self.shape[-2] if self.side == 'left' else self.shape[-1]
+    m, n = self.matrix_shape[-2:]
+    return m if self.side == 'left' else n
+
+  def to_matrix(self, x: jax.Array) -> jax.Array:
+    """``x`` (laid out like the leaf) as its matrix view; free by default."""
+    if self.axes is None:
+      return x
+    return jnp.transpose(x, self.axes.permutation).reshape(self.matrix_shape)
+
+  def from_matrix(self, x: jax.Array) -> jax.Array:
+    """Inverse of `to_matrix`: a matrix view back in the leaf's layout."""
+    if self.axes is None:
+      return x
+    permuted = tuple(self.shape[a] for a in self.axes.permutation)
+    inverse = tuple(int(a) for a in np.argsort(self.axes.permutation))
+    return jnp.transpose(x.reshape(permuted), inverse)
 
   @property
   def projector_shape(self) -> tuple[int, ...]:
@@ -79,7 +228,7 @@ class LeafPlan:
     """Shape of ``down(X)``; the full shape for a leaf that is not projected."""
     if not self.projected:
       return self.shape
-    m, n = self.shape[-2:]
+    m, n = self.matrix_shape[-2:]
     if self.side == 'left':
       return self.batch_shape + (self._rank, n)
     return self.batch_shape + (m, self._rank)
@@ -97,8 +246,10 @@ class ProjectionRule:
 
   A leaf is projected when all of these hold:
 
-  * it has ``ndim >= 2`` (leading axes are stacked matrices);
-  * ``min(m, n) >= min_dim`` for its last two axes ``(m, n)``;
+  * it has ``ndim >= 2``;
+  * ``min(m, n) >= min_dim`` for its matrix ``(m, n)``: the last two axes
+    (leading axes are stacked matrices), or those its `DimensionNumbers`
+    name;
   * ``max(m, n) / min(m, n) <= max_aspect_ratio`` (None: no limit), which by
     default leaves embeddings and output heads unprojected;
   * ``projection_mask`` (if given) is True for it;
@@ -128,6 +279,14 @@ class ProjectionRule:
       rules. Not a weight-decay mask: it only selects what is compressed.
       See `path_mask` to build one from parameter paths.
     mask: deprecated spelling of ``projection_mask``.
+    dimension_numbers: where each leaf's matrix is: None (the last two axes
+      of every leaf), or a pytree (or pytree prefix) of `DimensionNumbers`
+      (optax's `MuonDimensionNumbers`/`GaLoreDimensionNumbers` too) and
+      None (the default rule for that leaf), or a callable mapping the
+      tree to one; `path_dimension_numbers` builds one from paths. They say
+      where the matrix is, not whether it is projected: the tests above
+      apply to it. ``side`` then refers to the matrix view: ``'left'``
+      compresses the reduction side.
 
   Example:
     >>> import jax.numpy as jnp
@@ -145,6 +304,7 @@ class ProjectionRule:
   max_aspect_ratio: float | None = 4.0
   projection_mask: MaskOrFn = None
   mask: dataclasses.InitVar[MaskOrFn] = None
+  dimension_numbers: DimensionNumbersOrFn = None
 
   def __post_init__(self, mask: MaskOrFn):
     # Stored as Python ints: plans are static, decided at trace time.
@@ -181,12 +341,27 @@ class ProjectionRule:
     )
     return cls(int(rule))
 
-  def leaf_plan(self, path: str, shape: tuple[int, ...]) -> LeafPlan:
-    """The plan of one leaf, ignoring the projection mask."""
+  def leaf_plan(self, path: str, shape: tuple[int, ...],
+                dimension_numbers: Any = None) -> LeafPlan:
+    """The plan of one leaf, ignoring the projection mask.
+
+    Args:
+      path: the leaf's path, for the plan and for errors.
+      shape: its shape.
+      dimension_numbers: its `DimensionNumbers`, None for the default rule.
+    """
     shape = tuple(shape)
     if len(shape) < 2:
+      if dimension_numbers is not None:
+        raise ValueError(
+            f'Dimension numbers were given for {path}, which is not a'
+            f' matrix: shape {shape}. Give None for it.')
       return LeafPlan(path, shape, reason=f'not a matrix: ndim {len(shape)}')
-    m, n = shape[-2:]
+    axes = None
+    if dimension_numbers is not None:
+      axes = MatrixAxes.resolve(dimension_numbers, path, shape)
+      axes = None if axes.is_default else axes
+    m, n = (axes.matrix_shape(shape) if axes else shape)[-2:]
     small, large = min(m, n), max(m, n)
     if small < max(self.min_dim, 1):
       return LeafPlan(path, shape, reason=(
@@ -202,7 +377,7 @@ class ProjectionRule:
       return LeafPlan(path, shape, reason=(
           f'rank not below the dimension: rank {self.rank} >= side'
           f' {side!r} of size {dim}'))
-    return LeafPlan(path, shape, side, self.rank)
+    return LeafPlan(path, shape, side, self.rank, axes=axes)
 
   def _side(self, m: int, n: int) -> Literal['left', 'right']:
     if self.side == 'auto':
@@ -216,16 +391,18 @@ class ProjectionRule:
 
     Raises:
       TypeError: a leaf chosen for projection is not a real floating array.
-      ValueError: the projection mask does not fit the tree.
+      ValueError: the projection mask or the dimension numbers do not fit
+        the tree.
     """
     tree = tree_util.unwrap_variables(tree)
     mask_leaves = _mask_leaves(self.projection_mask, tree)
+    numbers = _dimension_numbers_leaves(self.dimension_numbers, tree)
     paths_and_leaves, treedef = jax.tree.flatten_with_path(tree)
     plans = []
-    for (key_path, leaf), keep in zip(paths_and_leaves, mask_leaves,
-                                      strict=True):
+    for (key_path, leaf), keep, leaf_numbers in zip(
+        paths_and_leaves, mask_leaves, numbers, strict=True):
       path = jax.tree_util.keystr(key_path)
-      plan = self.leaf_plan(path, np.shape(leaf))
+      plan = self.leaf_plan(path, np.shape(leaf), leaf_numbers)
       if not keep:
         plan = LeafPlan(path, plan.shape,
                         reason='masked out: projection_mask is False')
@@ -263,6 +440,20 @@ def recording_plans() -> Iterator[list[tuple[str, Any]]]:
     yield records
   finally:
     _RECORDER.reset(token)
+
+
+def abstract_init_with_plans(
+    init: Callable[[Any], Any], params: Any,
+) -> tuple[Any, list[tuple[str, Any]]]:
+  """``jax.eval_shape(init, params)`` and the plans its transforms made.
+
+  A fresh function is traced every time: `jax.eval_shape` caches traces of
+  the same function on the same shapes, and a cached trace runs no `init`,
+  so a second call would record no plans.
+  """
+  with recording_plans() as records:
+    state = jax.eval_shape(lambda p: init(p), params)
+  return state, records
 
 
 def plan_announcer(
@@ -353,6 +544,85 @@ def _mask_leaves(mask: MaskOrFn, tree: Any) -> list[bool]:
         f' parameters have {n_leaves}.'
     )
   return [bool(x) for x in leaves]
+
+
+def to_matrices(plans: Any, tree: Any) -> Any:
+  """Each leaf of ``tree`` as its plan's matrix view (`LeafPlan.to_matrix`)."""
+  return jax.tree.map(lambda plan, x: plan.to_matrix(x), plans, tree)
+
+
+def from_matrices(plans: Any, tree: Any) -> Any:
+  """Inverse of `to_matrices`: each matrix view back in its leaf's layout."""
+  return jax.tree.map(lambda plan, x: plan.from_matrix(x), plans, tree)
+
+
+def _dimension_numbers_leaves(numbers: DimensionNumbersOrFn,
+                              tree: Any) -> list[Any]:
+  """One `DimensionNumbers` (or None) per leaf of ``tree``."""
+  n_leaves = len(jax.tree.leaves(tree))
+  if numbers is None:
+    return [None] * n_leaves
+  if is_dimension_numbers(numbers):
+    raise TypeError(
+        'dimension_numbers: give a pytree of DimensionNumbers (None for'
+        ' leaves that follow the default rule) or a callable on the tree,'
+        ' not one DimensionNumbers for every leaf.')
+  numbers_tree = numbers(tree) if callable(numbers) else numbers
+  try:
+    full = jax.tree.broadcast(numbers_tree, tree,
+                              is_leaf=lambda x: x is None
+                              or is_dimension_numbers(x))
+  except (ValueError, TypeError) as err:
+    raise ValueError(
+        'dimension_numbers must be a pytree of DimensionNumbers or None with'
+        f' the structure of the parameters (or a prefix of it): {err}'
+    ) from None
+  leaves = jax.tree.leaves(full, is_leaf=lambda x: x is None
+                           or is_dimension_numbers(x))
+  if len(leaves) != n_leaves:
+    raise ValueError(
+        f'dimension_numbers has {len(leaves)} leaves after broadcasting, the'
+        f' parameters have {n_leaves}.')
+  for leaf in leaves:
+    if leaf is not None and not is_dimension_numbers(leaf):
+      raise TypeError(
+          'dimension_numbers leaves must be flora_jax.DimensionNumbers (or'
+          f' optax\'s) or None, got {leaf!r}.')
+  return leaves
+
+
+def path_dimension_numbers(
+    numbers_of: Callable[[str, Any], Any],
+) -> Callable[[Any], Any]:
+  """Builds ``dimension_numbers`` from a function of parameter paths.
+
+  Args:
+    numbers_of: called as ``numbers_of(path, leaf)`` with the leaf's path
+      joined by ``'/'``; returns its `DimensionNumbers`, or None for the
+      default rule.
+
+  Returns:
+    A callable mapping a tree to a tree of `DimensionNumbers` and None,
+    usable as ``ProjectionRule(dimension_numbers=...)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> numbers = path_dimension_numbers(
+    ...     lambda path, leaf: DimensionNumbers(0, (2, 3))
+    ...     if path.endswith('query/kernel') else None)
+    >>> numbers({'query': {'kernel': jnp.zeros((8, 2, 4, 4))},
+    ...          'mlp': jnp.zeros((8, 16))})['mlp'] is None
+    True
+  """
+
+  def numbers_fn(tree):
+    return jax.tree.map_with_path(
+        lambda key_path, leaf: numbers_of(tree_util.path_string(key_path),
+                                          leaf),
+        tree,
+    )
+
+  return numbers_fn
 
 
 def path_mask(predicate: Callable[[str, Any], bool]) -> Callable[[Any], Any]:

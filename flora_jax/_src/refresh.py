@@ -37,7 +37,7 @@ FitOne = Callable[[jax.Array, jax.Array], jax.Array]
 
 def svd_cost(plan: LeafPlan) -> float:
   """Flops of one slice's SVD, up to a constant: ``m n min(m, n)``."""
-  m, n = plan.shape[-2:]
+  m, n = plan.matrix_shape[-2:]
   return float(m * n * min(m, n))
 
 

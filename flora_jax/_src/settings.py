@@ -92,6 +92,9 @@ def _static(value: Any) -> str:
 def _digest(plans: Any) -> str:
   text = ';'.join(
       f'{plan.path}:{plan.shape}:{plan.side}:{plan.rank}'
+      # Only where not the default: the digests of earlier versions hold.
+      + (f':{plan.axes.permutation}:{len(plan.axes.rows)}' if plan.axes
+         else '')
       for plan in jax.tree.leaves(plans)
   )
   return f'{zlib.crc32(text.encode("utf-8")):08x}'

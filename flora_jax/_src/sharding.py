@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from flora_jax._src import projection
 from flora_jax._src import quantization
 from flora_jax._src import tree_util
 
@@ -217,7 +218,12 @@ def state_shardings(
   abstract_params = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params
   )
-  abstract_state = jax.eval_shape(tx.init, abstract_params)
+  abstract_state, records = projection.abstract_init_with_plans(
+      tx.init, abstract_params)
+  # Leaves projected through their DimensionNumbers keep state laid out like
+  # their matrix view, not like the parameter.
+  views = {plan.path: plan.axes for _, plans in records
+           for plan in jax.tree.leaves(plans) if plan.axes is not None}
 
   param_entries = {}
   for (key_path, leaf), spec in zip(
@@ -225,9 +231,11 @@ def state_shardings(
       jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
       strict=True,
   ):
-    param_entries[tree_util.path_parts(key_path)] = (
-        tuple(leaf.shape), tuple(spec)
-    )
+    shape, spec = tuple(leaf.shape), tuple(spec)
+    axes = views.get(jax.tree_util.keystr(key_path))
+    view = (axes.matrix_shape(shape), axes.matrix_spec(spec, shape)) if axes \
+        else None
+    param_entries[tree_util.path_parts(key_path)] = (shape, spec, view)
   parameter_of = tree_util.parameter_matcher(param_entries)
 
   def sharding_of(key_path, leaf):
@@ -235,7 +243,9 @@ def state_shardings(
     spec = ()
     param_path = parameter_of(key_path)
     if param_path is not None:
-      param_shape, param_spec = param_entries[param_path]
+      param_shape, param_spec, view = param_entries[param_path]
+      if view is not None and shape != param_shape:
+        param_shape, param_spec = view
       spec = _state_spec(shape, param_shape, param_spec)
     return NamedSharding(resolved_mesh, _fit(spec, shape, resolved_mesh))
 

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ _FIRST_MOMENT_FIELDS = ('mu', 'trace')
 
 
 class GaLoreState(NamedTuple):
-  """State of `scale_by_galore` and `scale_by_fira`."""
+  """State of `scale_by_galore`, `scale_by_fira` and `scale_by_apollo`."""
 
   count: jax.Array  # int32[]: updates so far; refresh when count % T == 0.
   key: jax.Array  # key[]: seeds the 'randomized' and 'random' projectors.
@@ -65,8 +65,9 @@ class GaLoreState(NamedTuple):
   # (..., r, n) / (..., m, r) of projected leaves and on the full shapes of
   # the others.
   inner_state: optax.OptState
-  # Fira's limiter, per projected leaf: the norm of the last (limited)
-  # residual of each stacked slice, f32[...], +inf before the first step.
+  # The norm-growth limiter of Fira (and APOLLO), per projected leaf: the
+  # norm of the last (limited) residual (APOLLO: scaled gradient) of each
+  # stacked slice, f32[...], +inf before the first step.
   # optax.MaskedNode() otherwise.
   residual_norms: optax.Params
   # {'update_proj_gap=... projector=... plans=...': int8[]}: what the state
@@ -222,6 +223,62 @@ def scale_by_galore(
   References:
     Zhao et al., 2024, https://arxiv.org/abs/2403.03507
   """
+  validation.check_instance(
+      'residual', residual, (FiraResidual, type(None)),
+      'None or a flora_jax.FiraResidual',
+  )
+  return in_subspace(
+      inner, rule, update_proj_gap=update_proj_gap, scale=scale,
+      projector=projector, key=key, transfer_moments=transfer_moments,
+      canonical_signs=canonical_signs, power_iterations=power_iterations,
+      oversampling=oversampling, refresh_schedule=refresh_schedule,
+      distribute_refresh=distribute_refresh, output_rule=residual,
+      name='flora_jax.scale_by_fira' if residual else
+      'flora_jax.scale_by_galore',
+  )
+
+
+class OutputRule(Protocol):
+  """How a projected leaf's update is formed from ``G``, ``R`` and ``N``.
+
+  None is GaLore's ``scale * up(N)``; `FiraResidual` adds Fira's residual;
+  APOLLO scales the raw gradient (``apollo.ApolloScaling``).
+  """
+
+  def initial_norm(self, plan: LeafPlan) -> Any:
+    """Per projected leaf, the state it keeps (MaskedNode for none)."""
+    ...
+
+  def update(self, side, g, q, low_rank, inner_update, scale,
+             previous_norm) -> tuple[jax.Array, Any]:
+    """One projected leaf's float32 update (matrix view) and its state."""
+    ...
+
+
+def in_subspace(
+    inner: optax.GradientTransformation,
+    rule: ProjectionRule | int,
+    *,
+    update_proj_gap: int,
+    scale: float,
+    projector: ProjectorName,
+    key: keys.PRNGKeyLike,
+    transfer_moments: bool,
+    canonical_signs: bool,
+    power_iterations: int,
+    oversampling: int,
+    refresh_schedule: RefreshSchedule,
+    distribute_refresh: bool,
+    output_rule: OutputRule | None,
+    name: str,
+    recorded: dict[str, Any] | None = None,
+) -> optax.GradientTransformation:
+  """The one code path of GaLore, Fira and APOLLO (see `scale_by_galore`).
+
+  ``output_rule`` forms each projected leaf's update (None: GaLore's).
+  ``recorded``: more settings for the state's record, for methods whose
+  states have the same structure as another's.
+  """
   validation.check_transformation('inner', inner)
   rule = ProjectionRule.of(rule)
   update_proj_gap = validation.check_positive_or_traced(
@@ -230,10 +287,7 @@ def scale_by_galore(
   validation.check_key('key', key)
   validation.check_finite_at_least('scale', scale, 0.0)
   validation.check_bool('transfer_moments', transfer_moments)
-  validation.check_instance(
-      'residual', residual, (FiraResidual, type(None)),
-      'None or a flora_jax.FiraResidual',
-  )
+  extra_settings = dict(recorded or {})
   staggered = _check_schedule(refresh_schedule, projector, update_proj_gap)
   source = _projector_source(
       projector, canonical_signs, power_iterations, oversampling,
@@ -245,7 +299,7 @@ def scale_by_galore(
   def plan(tree):
     tree = tree_util.unwrap_variables(tree)
     return _unproject_where_state_grows(
-        rule.plan(tree), tree, inner, source, residual
+        rule.plan(tree), tree, inner, source, output_rule
     )
 
   def recorded_settings(plans):
@@ -255,17 +309,15 @@ def scale_by_galore(
     # settings (and checkpoints) of earlier versions.
     schedule = dict(refresh_schedule=refresh_schedule) if staggered else {}
     return dict(plans=plans, update_proj_gap=update_proj_gap,
-                projector=projector, **draws, **schedule)
+                projector=projector, **draws, **schedule, **extra_settings)
 
-  announce = projection.plan_announcer(
-      'flora_jax.scale_by_fira' if residual else 'flora_jax.scale_by_galore'
-  )
+  announce = projection.plan_announcer(name)
 
   def init_fn(params):
     params = tree_util.unwrap_variables(params)
     plans = plan(params)
     announce(plans)
-    return _initial_state(inner, plans, source, residual, key, params,
+    return _initial_state(inner, plans, source, output_rule, key, params,
                           settings.record(**recorded_settings(plans)),
                           update_proj_gap)
 
@@ -282,20 +334,22 @@ def scale_by_galore(
     plans = plan(updates if params is None else params)
     _check_inner_state_shapes(inner, plans, state.inner_state)
     settings.check(state.settings, **recorded_settings(plans))
+    # Projected leaves as their matrix views (free for the default layout).
+    matrices = projection.to_matrices(plans, updates)
     stored, current, inner_state = source.advance(
-        plans, updates, state, update_proj_gap, transfer_moments
+        plans, matrices, state, update_proj_gap, transfer_moments
     )
-    low_rank = jax.tree.map(_project, plans, updates, current)
+    low_rank = jax.tree.map(_project, plans, matrices, current)
     inner_updates, inner_state = inner.update(
         low_rank, inner_state, _shapes_only(low_rank)
     )
-    output = functools.partial(_output, scale=scale, residual=residual)
+    output = functools.partial(_output, scale=scale, rule=output_rule)
     results = jax.tree.map(
-        output, plans, updates, current, low_rank, inner_updates,
+        output, plans, matrices, current, low_rank, inner_updates,
         state.residual_norms,
     )
     new_updates, residual_norms = tree_util.unzip_leaves(plans, results, 2)
-    return new_updates, GaLoreState(
+    return projection.from_matrices(plans, new_updates), GaLoreState(
         count=compat.safe_increment(state.count),
         key=state.key,
         projectors=stored,
@@ -380,7 +434,7 @@ def scale_by_fira(
   )
 
 
-def _initial_state(inner, plans, source, residual, key, params,
+def _initial_state(inner, plans, source, output_rule, key, params,
                    recorded, gap) -> GaLoreState:
   low_rank = _low_rank_params(plans, params)
   inner_state = inner.init(low_rank)
@@ -395,7 +449,7 @@ def _initial_state(inner, plans, source, residual, key, params,
       projectors=stored,
       inner_state=inner_state,
       residual_norms=jax.tree.map(
-          residual.initial_norm if residual else _masked_node, plans
+          output_rule.initial_norm if output_rule else _masked_node, plans
       ),
       settings=recorded,
   )
@@ -418,7 +472,7 @@ def _low_rank_shapes(plans):
   )
 
 
-def _unproject_where_state_grows(plans, tree, inner, source, residual):
+def _unproject_where_state_grows(plans, tree, inner, source, output_rule):
   """Leaves exact every leaf whose state projecting would not shrink.
 
   A function of the shapes and dtypes of ``tree`` (the parameters), so
@@ -440,7 +494,7 @@ def _unproject_where_state_grows(plans, tree, inner, source, residual):
   def keep(key_path, plan):
     if not plan.projected:
       return plan
-    extra = 4 * math.prod(plan.batch_shape) if residual else 0
+    extra = 4 * math.prod(plan.batch_shape) if output_rule else 0
     if source.stores_projectors:
       extra += 4 * math.prod(plan.projector_shape)
     path = tree_util.path_parts(key_path)
@@ -485,14 +539,14 @@ def _project(plan: LeafPlan, g: jax.Array, q: Any) -> jax.Array:
 
 
 def _output(plan, g, q, low_rank, inner_update, previous_norm, *, scale,
-            residual):
-  """One leaf's update and limiter norm (unchanged for unprojected leaves)."""
+            rule):
+  """One leaf's update and output-rule state (unchanged if unprojected)."""
   if not plan.projected:
     return inner_update, previous_norm
-  if residual is None:
+  if rule is None:
     back = projectors.project_up(q, inner_update, plan.side)
     return (scale * back).astype(g.dtype), previous_norm
-  out, norm = residual.update(
+  out, norm = rule.update(
       plan.side, g, q, low_rank, inner_update, scale, previous_norm
   )
   return out.astype(g.dtype), norm
@@ -572,7 +626,8 @@ class _FittedProjectors:
 
   def _fit_one(self, plan):
     """Fits one slice of ``plan``'s leaf: ``(matrix, key) -> Q``."""
-    matrix = LeafPlan(plan.path, plan.shape[-2:], plan.side, plan.rank)
+    matrix = LeafPlan(plan.path, plan.matrix_shape[-2:], plan.side,
+                      plan.rank)
     return lambda g, key: self.fit(matrix, g, key)
 
   def _refit(self, plan, g, q_old, schedule, phase):
@@ -630,7 +685,8 @@ class _FittedProjectors:
     groups: dict[Any, list[int]] = {}
     for i, plan in enumerate(flat_plans):
       if plan.projected:
-        groups.setdefault((plan.shape[-2:], plan.side, plan.rank), []).append(i)
+        groups.setdefault((plan.matrix_shape[-2:], plan.side, plan.rank),
+                          []).append(i)
     new = [q for _, _, q, _ in leaves]
     for members in groups.values():
       refitted = self._refit_group([leaves[i] for i in members], schedule,
@@ -790,7 +846,7 @@ def _projector_source(projector, canonical_signs, power_iterations,
           oversampling=oversampling, canonical_signs=canonical_signs,
       ),
       # The sketch's products dominate: m n (r + p) per pass.
-      cost=lambda plan: float(math.prod(plan.shape[-2:])
+      cost=lambda plan: float(math.prod(plan.matrix_shape[-2:])
                               * (plan.rank + oversampling)),
       staggered=staggered, distribute=distribute,
   )
