@@ -196,7 +196,7 @@ def test_a_state_made_with_other_dimension_numbers_is_refused():
     ({'w': None, 'b': DimensionNumbers(0, 1)}, ValueError,
      r"\['b'\].*not a matrix"),
     ({'b': None, 'w': (0, 1)}, ValueError, 'dimension_numbers'),
-    (DimensionNumbers(0, 1), TypeError, 'pytree of DimensionNumbers'),
+    (DimensionNumbers(0, 3), ValueError, r"\['w'\].*output_axis=3"),
     ({'v': None}, ValueError, 'structure'),
 ])
 def test_bad_dimension_numbers_are_refused_at_init(numbers, error, match):
@@ -213,6 +213,19 @@ def test_path_dimension_numbers_and_a_callable_agree():
   assert _rule(by_path).plan(params) == _rule(NUMBERS).plan(params)
   assert _rule(lambda tree: NUMBERS).plan(params) == _rule(NUMBERS).plan(
       params)
+  # A function of (path, leaf) directly, as in `path_dimension_numbers`.
+  assert _rule(lambda path, leaf: NUMBERS[path]).plan(params) == _rule(
+      NUMBERS).plan(params)
+
+
+def test_one_dimension_numbers_apply_to_every_matrix():
+  """As optax's GaLore takes them: vectors keep the default (None)."""
+  params = {'a': jnp.zeros((32, 2, 48)), 'b': jnp.zeros((48, 2, 32)),
+            'v': jnp.zeros(48)}
+  plans = _rule(DimensionNumbers(0, 2)).plan(params)
+  assert plans['a'].matrix_shape == (2, 32, 48)
+  assert plans['b'].matrix_shape == (2, 48, 32)
+  assert plans['v'].reason.startswith('not a matrix')
 
 
 def test_state_shardings_keep_the_matrix_view_after_a_memory_report():

@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -280,13 +281,16 @@ class ProjectionRule:
       See `path_mask` to build one from parameter paths.
     mask: deprecated spelling of ``projection_mask``.
     dimension_numbers: where each leaf's matrix is: None (the last two axes
-      of every leaf), or a pytree (or pytree prefix) of `DimensionNumbers`
-      (optax's `MuonDimensionNumbers`/`GaLoreDimensionNumbers` too) and
-      None (the default rule for that leaf), or a callable mapping the
-      tree to one; `path_dimension_numbers` builds one from paths. They say
-      where the matrix is, not whether it is projected: the tests above
-      apply to it. ``side`` then refers to the matrix view: ``'left'``
-      compresses the reduction side.
+      of every leaf); one `DimensionNumbers` (optax's
+      `MuonDimensionNumbers`/`GaLoreDimensionNumbers` too) for every leaf
+      with ``ndim >= 2``; a pytree (or pytree prefix) of them and None (the
+      default rule for that leaf); a callable mapping the tree to one, as
+      optax takes it; or a callable ``(path, leaf) -> DimensionNumbers |
+      None`` of the leaf's path joined by ``'/'`` (two positional
+      parameters; see `path_dimension_numbers`). They say where the matrix
+      is, not whether it is projected: the tests above apply to it.
+      ``side`` then refers to the matrix view: ``'left'`` compresses the
+      reduction side.
 
   Example:
     >>> import jax.numpy as jnp
@@ -563,10 +567,11 @@ def _dimension_numbers_leaves(numbers: DimensionNumbersOrFn,
   if numbers is None:
     return [None] * n_leaves
   if is_dimension_numbers(numbers):
-    raise TypeError(
-        'dimension_numbers: give a pytree of DimensionNumbers (None for'
-        ' leaves that follow the default rule) or a callable on the tree,'
-        ' not one DimensionNumbers for every leaf.')
+    # One for every matrix, as optax's GaLore takes it.
+    return [numbers if np.ndim(leaf) >= 2 else None
+            for leaf in jax.tree.leaves(tree)]
+  if callable(numbers) and _positional_arity(numbers) == 2:
+    numbers = path_dimension_numbers(cast(Callable[[str, Any], Any], numbers))
   numbers_tree = numbers(tree) if callable(numbers) else numbers
   try:
     full = jax.tree.broadcast(numbers_tree, tree,
@@ -589,6 +594,17 @@ def _dimension_numbers_leaves(numbers: DimensionNumbersOrFn,
           'dimension_numbers leaves must be flora_jax.DimensionNumbers (or'
           f' optax\'s) or None, got {leaf!r}.')
   return leaves
+
+
+def _positional_arity(fn: Callable[..., Any]) -> int | None:
+  """How many positional parameters ``fn`` takes; None if it cannot say."""
+  try:
+    parameters = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return None
+  kinds = (inspect.Parameter.POSITIONAL_ONLY,
+           inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  return sum(p.kind in kinds for p in parameters)
 
 
 def path_dimension_numbers(
