@@ -174,13 +174,14 @@ def test_default_dimension_numbers_change_nothing():
 
 
 def test_a_state_made_with_other_dimension_numbers_is_refused():
-  params = {'w': jnp.ones((32, L, 48))}
-  grads = {'w': jnp.ones((32, L, 48))}
+  """Same state shapes (square matrices), other axes: the settings say so."""
+  params = {'w': jnp.ones((32, L, 32))}
+  grads = {'w': jnp.ones((32, L, 32))}
   first = flora_jax.scale_by_flora_momentum(
       rule=_rule({'w': DimensionNumbers(0, 2)}))
   other = flora_jax.scale_by_flora_momentum(
       rule=_rule({'w': DimensionNumbers(2, 0)}))
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match='settings'):
     other.update(grads, first.init(params), params)
 
 
@@ -193,8 +194,8 @@ def test_a_state_made_with_other_dimension_numbers_is_refused():
      r"\['w'\].*non-empty"),
     ({'b': None, 'w': DimensionNumbers(0, 'x')}, TypeError,
      r"\['w'\].*int"),
-    ({'w': None, 'b': DimensionNumbers(0, 1)}, ValueError,
-     r"\['b'\].*not a matrix"),
+    ({'b': None, 'w': DimensionNumbers(True, 2)}, TypeError,
+     r"\['w'\].*int"),
     ({'b': None, 'w': (0, 1)}, ValueError, 'dimension_numbers'),
     (DimensionNumbers(0, 3), ValueError, r"\['w'\].*output_axis=3"),
     ({'v': None}, ValueError, 'structure'),
@@ -219,13 +220,22 @@ def test_path_dimension_numbers_and_a_callable_agree():
 
 
 def test_one_dimension_numbers_apply_to_every_matrix():
-  """As optax's GaLore takes them: vectors keep the default (None)."""
+  """As optax's GaLore takes them: vectors are never matrices, whether the
+  numbers are one for all, a prefix over a layer, or a function's."""
   params = {'a': jnp.zeros((32, 2, 48)), 'b': jnp.zeros((48, 2, 32)),
             'v': jnp.zeros(48)}
-  plans = _rule(DimensionNumbers(0, 2)).plan(params)
-  assert plans['a'].matrix_shape == (2, 32, 48)
-  assert plans['b'].matrix_shape == (2, 48, 32)
-  assert plans['v'].reason.startswith('not a matrix')
+  numbers = DimensionNumbers(0, 2)
+  for given in (numbers, lambda tree: numbers,
+                lambda tree, unused=None: numbers):
+    plans = _rule(given).plan(params)
+    assert plans['a'].matrix_shape == (2, 32, 48)
+    assert plans['b'].matrix_shape == (2, 48, 32)
+    assert plans['v'].reason.startswith('not a matrix')
+  # The rule's one DimensionNumbers holds for a single leaf too.
+  assert _rule(numbers).leaf_plan('w', (32, 2, 48)).matrix_shape == (2, 32,
+                                                                     48)
+  with pytest.raises(TypeError):  # keyword-only: not mask's position
+    flora_jax.ProjectionRule(4, 'auto', 16, None, None, None, numbers)
 
 
 def test_state_shardings_keep_the_matrix_view_after_a_memory_report():

@@ -432,6 +432,7 @@ def test_nnx_stack_with_untrained_variables_is_refused():
     _nnx_fused(model, optimizer)
 
 
+@pytest.mark.slow
 def test_apollo_fused_steps_equal_the_ordinary_steps():
   """APOLLO's per-slice scales and limiter norms split by layer exactly."""
   tx = flora_jax.apollo(1e-2, rank=RANK, update_proj_gap=2, min_dim=16)

@@ -557,17 +557,23 @@ def test_refresh_is_selected_without_the_sequential_scheduler(sharded,
 # ------------------------------------------- a MaxText layout on the mesh
 
 
-def test_maxtext_layout_state_follows_the_matrix_view_and_matches_one_device():
-  """Kernels with the layer axis at 1, heads sharded: the state is laid out
-  like each leaf's matrix view, and a sharded APOLLO/Flora run equals the
-  one-device run."""
-  mesh = _mesh()
+@pytest.mark.parametrize('query_spec', [
+    P('data', None, 'model'),
+    # head_dim sharded: the minor axis of the merged side is gathered first.
+    P('data', None, None, 'model'),
+], ids=['heads', 'head_dim'])
+def test_maxtext_layout_state_follows_the_matrix_view_and_matches_one_device(
+    query_spec):
+  """Kernels with the layer axis at 1, on an Explicit mesh: the state is
+  laid out like each leaf's matrix view, the updates like the parameters,
+  and a sharded APOLLO/Flora run equals the one-device run."""
+  mesh = _mesh(AxisType.Explicit)
   rng = np.random.default_rng(5)
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
   layers = 2
   params = {'query': normal(16, layers, 4, 8) / 4,  # [embed, L, heads, hd]
             'wi': normal(16, layers, 32) / 4}  # [embed, L, mlp]
-  specs = {'query': P('data', None, 'model'), 'wi': P('data', None, 'model')}
+  specs = {'query': query_spec, 'wi': P('data', None, 'model')}
   numbers = {'query': flora_jax.DimensionNumbers(0, (2, 3)),
              'wi': flora_jax.DimensionNumbers(0, 2)}
   tx = optax.chain(
@@ -578,19 +584,25 @@ def test_maxtext_layout_state_follows_the_matrix_view_and_matches_one_device():
   )
   state_specs = flora_jax.state_partition_specs(tx, params, specs, mesh=mesh)
   apollo, flora = state_specs
-  # (L, r, heads * head_dim): the heads' sharding carries to the merged side.
-  assert apollo.inner_state.mu['query'] == P(None, None, 'model')
+  # (L, r, heads * head_dim): the heads' sharding carries to the merged
+  # side, head_dim's cannot.
+  merged = P(None, None, 'model') if query_spec[2] else P()
+  assert apollo.inner_state.mu['query'] == merged
   assert flora.momentum['wi'] == P(None, None, 'model')
 
   grads = [jax.tree.map(lambda x, t=t: x * (t + 1) + 0.1 * t, params)
            for t in range(STEPS)]
 
   def run(put, shardings=None):
-    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    def step(g, s, p):
+      updates, s = tx.update(g, s, p)
+      return updates, s, optax.apply_updates(p, updates)
+
+    step = jax.jit(step)
     state = jax.jit(tx.init, out_shardings=shardings)(put(params))
     outputs = []
     for g in grads:
-      updates, state = step(put(g), state, put(params))
+      updates, state, _ = step(put(g), state, put(params))
       outputs.append(updates)
     return outputs
 
@@ -604,7 +616,9 @@ def test_maxtext_layout_state_follows_the_matrix_view_and_matches_one_device():
   reference = run(lambda tree: tree)
   for a, b in zip(ours, reference, strict=True):
     for name in params:
-      assert a[name].sharding.spec == specs[name] or a[name].shape == ()
+      padded = lambda spec, n: tuple(spec) + (None,) * (n - len(spec))
+      assert padded(a[name].sharding.spec, a[name].ndim) == padded(
+          specs[name], a[name].ndim)
       # Sharded sums add in another order: float32 rounding of the largest.
       np.testing.assert_allclose(a[name], b[name], rtol=1e-5,
                                  atol=1e-5 * float(np.max(np.abs(b[name]))))

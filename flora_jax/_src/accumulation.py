@@ -199,7 +199,8 @@ class FloraMultiSteps:
 
     def emit(_):
       mean = jax.tree.map(
-          lambda plan, g, a, q: self._decompress(plan, a, q, k).astype(g.dtype),
+          lambda plan, g, a, q: self._decompress(plan, a, q, k, g).astype(
+              g.dtype),
           plans, updates, acc, drawn,
       )
       new_updates, inner_state = self._opt.update(
@@ -238,11 +239,12 @@ class FloraMultiSteps:
       g32 = projectors.project_down(q, plan.to_matrix(g32), plan.side)
     return (acc.astype(jnp.float32) + g32).astype(self._accumulator_dtype)
 
-  def _decompress(self, plan, acc, q, k):
-    """``up(acc)``, divided by ``k`` for the mean; float32."""
+  def _decompress(self, plan, acc, q, k, like):
+    """``up(acc)``, divided by ``k`` for the mean; float32, laid out like
+    ``like``."""
     acc = acc.astype(jnp.float32)
     if plan.side is not None:
-      acc = plan.from_matrix(projectors.project_up(q, acc, plan.side))
+      acc = plan.from_matrix(projectors.project_up(q, acc, plan.side), like)
     return acc / k if self._use_grad_mean else acc
 
   def has_updated(self, state: FloraMultiStepsState) -> jax.Array:

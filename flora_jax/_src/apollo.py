@@ -117,8 +117,12 @@ def scale_by_apollo(
     N_t, s_t = \mathrm{inner.update}(R_t, s_{t-1}), \qquad
     \text{output}_t = \alpha \, \mathrm{lim}(S_t \odot G_t),
 
-  with ``S_t`` the ratio of the norms of ``N_t`` and ``R_t`` per channel
-  (or per matrix) and ``lim`` the norm-growth limiter, see `ApolloScaling`.
+  with ``S_t = ||N_t|| / (||R_t|| + 1e-8)``, the norms taken per channel of
+  the axis that is not compressed (over the rank axis) or, with
+  ``granularity='tensor'``, per matrix (each stacked slice), and ``lim``
+  Fira's norm-growth limiter per stacked slice (``||x_t||`` at most γ times
+  the last limited norm; the first step passes, see
+  `flora_jax.FiraResidual`).
   Leaves that are not projected go through ``inner`` at full size. The
   state per projected ``m x n`` matrix is ``inner``'s on the low-rank shape
   (Adam: ``2 r n``) and one norm; the moments are not moved at a new
@@ -136,7 +140,7 @@ def scale_by_apollo(
     scale: α, the factor on the scaled gradient (1 for APOLLO, sqrt(128)
       for APOLLO-Mini in the paper).
     granularity: ``'channel'`` (APOLLO) or ``'tensor'`` (APOLLO-Mini).
-    growth_limit: γ >= 1 of the limiter, None for none.
+    growth_limit: γ >= 1 of the limiter (1.01 in the paper), None for none.
     key: an int seed, a typed key or a raw uint32 key.
 
   Returns:

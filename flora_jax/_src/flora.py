@@ -144,7 +144,7 @@ def flora_compress(
         return g
       low_rank = projectors.project_down(q, plan.to_matrix(g), plan.side)
       back = projectors.project_up(q, low_rank, plan.side)
-      return plan.from_matrix(back).astype(g.dtype)
+      return plan.from_matrix(back, g).astype(g.dtype)
 
     new_updates = jax.tree.map(compress, plans, updates, drawn)
     return new_updates, FloraCompressState(
@@ -303,7 +303,7 @@ def scale_by_flora_momentum(
           plan, plan.to_matrix(u.astype(jnp.float32)), c, q, transition,
           b1, nesterov, resampled,
       )
-      return (plan.from_matrix(out).astype(u.dtype),
+      return (plan.from_matrix(out, u).astype(u.dtype),
               c_new.astype(momentum_dtype))
 
     results = jax.tree.map(update_leaf, plans, updates, state.momentum,

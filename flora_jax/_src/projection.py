@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flora_jax._src import compat
 from flora_jax._src import tree_util
 from flora_jax._src import validation
 
@@ -113,7 +114,8 @@ class MatrixAxes:
       value = getattr(numbers, name)
       axes = (value,) if isinstance(value, (int, np.integer)) else value
       if isinstance(axes, str) or not isinstance(axes, Sequence) or not all(
-          isinstance(a, (int, np.integer)) for a in axes):
+          isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+          for a in axes):
         raise TypeError(
             f'Dimension numbers of {path}: {name} must be an int or a'
             f' sequence of ints, got {value!r}.')
@@ -209,15 +211,27 @@ class LeafPlan:
     """``x`` (laid out like the leaf) as its matrix view; free by default."""
     if self.axes is None:
       return x
+    x = _mergeable(x, self.axes)
     return jnp.transpose(x, self.axes.permutation).reshape(self.matrix_shape)
 
-  def from_matrix(self, x: jax.Array) -> jax.Array:
-    """Inverse of `to_matrix`: a matrix view back in the leaf's layout."""
+  def from_matrix(self, x: jax.Array, like: jax.Array | None = None
+                  ) -> jax.Array:
+    """Inverse of `to_matrix`: a matrix view back in the leaf's layout.
+
+    ``like``: an array laid out as the leaf (its gradient), whose Explicit
+    sharding the result takes back where `to_matrix` had to gather an axis.
+    """
     if self.axes is None:
       return x
     permuted = tuple(self.shape[a] for a in self.axes.permutation)
     inverse = tuple(int(a) for a in np.argsort(self.axes.permutation))
-    return jnp.transpose(x.reshape(permuted), inverse)
+    x = jnp.transpose(x.reshape(permuted), inverse)
+    if like is None:
+      return x
+    spec = compat.explicit_spec(like)
+    if compat.explicit_spec(x) == spec:
+      return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
 
   @property
   def projector_shape(self) -> tuple[int, ...]:
@@ -239,6 +253,23 @@ class LeafPlan:
     if self.rank is None:
       raise ValueError(f'Leaf {self.path} is not projected.')
     return self.rank
+
+
+def _mergeable(x: jax.Array, axes: MatrixAxes) -> jax.Array:
+  """``x`` resharded so that each side's axes can be merged by a reshape.
+
+  Under Explicit sharding a reshape keeps a merged side sharded only along
+  its first (major) axis; the others are gathered first (the layout
+  `MatrixAxes.matrix_spec` describes). Free outside Explicit sharding.
+  """
+  spec = compat.explicit_spec(x)
+  kept = list(spec)
+  for side in (axes.rows, axes.columns):
+    for axis in side[1:]:
+      kept[axis] = None
+  if tuple(kept) == tuple(spec):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*kept))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,13 +313,15 @@ class ProjectionRule:
     mask: deprecated spelling of ``projection_mask``.
     dimension_numbers: where each leaf's matrix is: None (the last two axes
       of every leaf); one `DimensionNumbers` (optax's
-      `MuonDimensionNumbers`/`GaLoreDimensionNumbers` too) for every leaf
-      with ``ndim >= 2``; a pytree (or pytree prefix) of them and None (the
+      `MuonDimensionNumbers`/`GaLoreDimensionNumbers` too) for every leaf;
+      a pytree (or pytree prefix) of them and None (the
       default rule for that leaf); a callable mapping the tree to one, as
       optax takes it; or a callable ``(path, leaf) -> DimensionNumbers |
       None`` of the leaf's path joined by ``'/'`` (two positional
-      parameters; see `path_dimension_numbers`). They say where the matrix
-      is, not whether it is projected: the tests above apply to it.
+      required parameters; see `path_dimension_numbers`). Leaves with
+      ``ndim < 2`` are never matrices: numbers given for them are ignored.
+      They say where the matrix is, not whether it is projected: the tests
+      above apply to it.
       ``side`` then refers to the matrix view: ``'left'`` compresses the
       reduction side.
 
@@ -308,7 +341,8 @@ class ProjectionRule:
   max_aspect_ratio: float | None = 4.0
   projection_mask: MaskOrFn = None
   mask: dataclasses.InitVar[MaskOrFn] = None
-  dimension_numbers: DimensionNumbersOrFn = None
+  dimension_numbers: DimensionNumbersOrFn = dataclasses.field(
+      default=None, kw_only=True)
 
   def __post_init__(self, mask: MaskOrFn):
     # Stored as Python ints: plans are static, decided at trace time.
@@ -352,14 +386,16 @@ class ProjectionRule:
     Args:
       path: the leaf's path, for the plan and for errors.
       shape: its shape.
-      dimension_numbers: its `DimensionNumbers`, None for the default rule.
+      dimension_numbers: its `DimensionNumbers`; None for the rule's own
+        if that is one `DimensionNumbers`, else for the default rule.
     """
     shape = tuple(shape)
+    if dimension_numbers is None and is_dimension_numbers(
+        self.dimension_numbers):
+      dimension_numbers = self.dimension_numbers
     if len(shape) < 2:
-      if dimension_numbers is not None:
-        raise ValueError(
-            f'Dimension numbers were given for {path}, which is not a'
-            f' matrix: shape {shape}. Give None for it.')
+      # Dimension numbers given to a vector (one for the whole tree, or a
+      # prefix over a layer's kernel and bias) are about the matrices only.
       return LeafPlan(path, shape, reason=f'not a matrix: ndim {len(shape)}')
     axes = None
     if dimension_numbers is not None:
@@ -555,9 +591,10 @@ def to_matrices(plans: Any, tree: Any) -> Any:
   return jax.tree.map(lambda plan, x: plan.to_matrix(x), plans, tree)
 
 
-def from_matrices(plans: Any, tree: Any) -> Any:
-  """Inverse of `to_matrices`: each matrix view back in its leaf's layout."""
-  return jax.tree.map(lambda plan, x: plan.from_matrix(x), plans, tree)
+def from_matrices(plans: Any, tree: Any, like: Any) -> Any:
+  """Inverse of `to_matrices`, laid out like ``like`` (see `from_matrix`)."""
+  return jax.tree.map(lambda plan, x, y: plan.from_matrix(x, y), plans, tree,
+                      like)
 
 
 def _dimension_numbers_leaves(numbers: DimensionNumbersOrFn,
@@ -567,9 +604,7 @@ def _dimension_numbers_leaves(numbers: DimensionNumbersOrFn,
   if numbers is None:
     return [None] * n_leaves
   if is_dimension_numbers(numbers):
-    # One for every matrix, as optax's GaLore takes it.
-    return [numbers if np.ndim(leaf) >= 2 else None
-            for leaf in jax.tree.leaves(tree)]
+    return [numbers] * n_leaves  # `leaf_plan` skips vectors
   if callable(numbers) and _positional_arity(numbers) == 2:
     numbers = path_dimension_numbers(cast(Callable[[str, Any], Any], numbers))
   numbers_tree = numbers(tree) if callable(numbers) else numbers
@@ -597,14 +632,15 @@ def _dimension_numbers_leaves(numbers: DimensionNumbersOrFn,
 
 
 def _positional_arity(fn: Callable[..., Any]) -> int | None:
-  """How many positional parameters ``fn`` takes; None if it cannot say."""
+  """How many positional parameters ``fn`` requires; None if it cannot say."""
   try:
     parameters = inspect.signature(fn).parameters.values()
   except (TypeError, ValueError):
     return None
   kinds = (inspect.Parameter.POSITIONAL_ONLY,
            inspect.Parameter.POSITIONAL_OR_KEYWORD)
-  return sum(p.kind in kinds for p in parameters)
+  return sum(p.kind in kinds and p.default is inspect.Parameter.empty
+             for p in parameters)
 
 
 def path_dimension_numbers(

@@ -97,6 +97,18 @@ def _state_spec(
   return ()
 
 
+def _of_matrix_view(shape: tuple[int, ...], param_shape: tuple[int, ...],
+                    view_shape: tuple[int, ...]) -> bool:
+  """Whether a state leaf is laid out like the matrix view of its parameter:
+  a low-rank moment or projector ``(stack..., a, b)``, or one value per
+  stacked matrix; not a statistic of the parameter's own layout."""
+  if shape == param_shape:
+    return False
+  stack = view_shape[:-2]
+  return (len(shape) == len(view_shape) and shape[:-2] == stack) or (
+      shape == stack)
+
+
 def _param_specs(params: Any, param_shardings: Any, mesh) -> tuple[Any, Any]:
   """(tree of PartitionSpec, mesh) from explicit shardings or the params."""
   if param_shardings is None:
@@ -244,7 +256,7 @@ def state_shardings(
     param_path = parameter_of(key_path)
     if param_path is not None:
       param_shape, param_spec, view = param_entries[param_path]
-      if view is not None and shape != param_shape:
+      if view is not None and _of_matrix_view(shape, param_shape, view[0]):
         param_shape, param_spec = view
       spec = _state_spec(shape, param_shape, param_spec)
     return NamedSharding(resolved_mesh, _fit(spec, shape, resolved_mesh))

@@ -349,7 +349,7 @@ def in_subspace(
         state.residual_norms,
     )
     new_updates, residual_norms = tree_util.unzip_leaves(plans, results, 2)
-    return projection.from_matrices(plans, new_updates), GaLoreState(
+    return projection.from_matrices(plans, new_updates, updates), GaLoreState(
         count=compat.safe_increment(state.count),
         key=state.key,
         projectors=stored,
