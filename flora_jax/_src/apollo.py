@@ -71,9 +71,7 @@ class ApolloScaling:
 
   def initial_norm(self, plan: LeafPlan):
     """The limiter's state for one leaf: +inf per stacked slice."""
-    if plan.projected and self.growth_limit is not None:
-      return jnp.full(plan.batch_shape, jnp.inf, jnp.float32)
-    return optax.MaskedNode()
+    return fira.initial_limiter_norms(plan, self.growth_limit)
 
   def update(self, side, g, q, low_rank, inner_update, scale, previous_norm):
     """One projected leaf's float32 update and its limiter norm."""

@@ -81,9 +81,7 @@ class FiraResidual:
 
   def initial_norm(self, plan: LeafPlan):
     """The limiter's state for one leaf: +inf per stacked slice."""
-    if plan.projected and self.growth_limit is not None:
-      return jnp.full(plan.batch_shape, jnp.inf, jnp.float32)
-    return optax.MaskedNode()
+    return initial_limiter_norms(plan, self.growth_limit)
 
   def update(
       self,
@@ -150,6 +148,14 @@ def _residual_norm(side, g, q, low_rank, phi, c):
   # The rank axis is summed out: what remains of the kept axis is last.
   total = jnp.sum(weights * jnp.maximum(squares, 0.0), axis=-1)
   return jnp.sqrt(total)
+
+
+def initial_limiter_norms(plan: LeafPlan, growth_limit: float | None):
+  """A projected leaf's limiter state: +inf per stacked slice (so that the
+  first step passes); MaskedNode without a limiter or a projection."""
+  if plan.projected and growth_limit is not None:
+    return jnp.full(plan.batch_shape, jnp.inf, jnp.float32)
+  return optax.MaskedNode()
 
 
 def limit_growth(x, previous_norm, growth_limit):
