@@ -128,9 +128,10 @@ def scale_by_apollo(
 
   Args:
     inner: the optimizer whose scaling is learnt, run on the projections
-      (and on the unprojected leaves); None for
-      ``scale_by_adam_hf(correct_bias=False)``, the published code's Adam
-      (the `apollo` alias applies the bias correction afterwards).
+      (and on the unprojected leaves); None for `scale_by_adam_hf`, the
+      published code's Adam flavour, bias correction included (the
+      `apollo` alias runs it without, and corrects after the limiter, as
+      the published code does).
     rule: which leaves are projected, on which side and at which rank: a
       `flora_jax.ProjectionRule`, or an int r. The channels are the axis
       that is not compressed.
@@ -156,7 +157,7 @@ def scale_by_apollo(
     Zhu et al., 2025, Algorithm 1, https://arxiv.org/abs/2412.05270
   """
   if inner is None:
-    inner = adam_hf.scale_by_adam_hf(correct_bias=False)
+    inner = adam_hf.scale_by_adam_hf()
   output_rule = ApolloScaling(granularity, growth_limit)
   return subspace.in_subspace(
       inner, rule, update_proj_gap=update_proj_gap, scale=scale,
