@@ -6,21 +6,32 @@ flora_jax_examples) from the same initialisation on the same batches for
 the same number of steps; only the optimizer differs. The low-rank
 optimizers project the transformer blocks' matrices (the embedding, norms
 and biases keep full state in every run). Several seeds; the table gives the
-final held-out loss as mean ± (max - min) / 2 over seeds, and a PNG shows
-the held-out curves.
+final held-out loss as mean ± (max - min) / 2 over seeds, and each seed's,
+and a PNG shows the held-out curves. Every optimizer has the same learning
+rate (``--lr``), APOLLO's and APOLLO-Mini's included (the APOLLO paper uses
+GaLore's; α = 1 and sqrt(128), their paper defaults).
 
 Run::
 
   pip install -e . -e "./examples[benchmarks]"        # once
   python -m flora_jax_examples.datasets fetch         # once
   python benchmarks/benchmark_lm_quality.py --quick   # about a minute (CI)
-  python benchmarks/benchmark_lm_quality.py           # ~35 min on 2 cores
+  python benchmarks/benchmark_lm_quality.py           # ~40 min on 2 cores
+  python benchmarks/benchmark_lm_quality.py --only apollo  # ~7 min
+
+The table goes to stdout and to ``<out>/lm_quality.md`` (default
+``benchmarks/results``, ``benchmarks/results/quick`` with ``--quick``), the
+plot to ``<out>/lm_quality.png``. With ``--only`` the rows run replace
+theirs in ``lm_quality.md`` and its other rows are kept (when its steps,
+seeds, learning rate, period and corpus are this run's), and the plot goes
+to ``lm_quality_<prefixes>.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 
 import numpy as np
 
@@ -39,6 +50,10 @@ RUNS = (
     ('flora r32 rademacher', 'flora-rademacher', 32, {}),
     ('galore r32', 'galore', 32, {}),
     ('fira r32', 'fira', 32, {}),
+    # APOLLO (flora_jax.apollo): Adam's per-channel scaling from a rank-32
+    # random projection; APOLLO-Mini: one scale per matrix, rank 1.
+    ('apollo r32', 'apollo', 32, {}),
+    ('apollo-mini', 'apollo-mini', 1, {}),
     # Low precision: 8-bit states (flora_jax.quantize_state), bfloat16
     # weights rounded to nearest or stochastically.
     ('adamw 8-bit state', 'adamw', None, _8BIT),
@@ -56,6 +71,40 @@ QUICK_RUNS = tuple(run for run in RUNS
                    if run[0] in ('adamw', 'flora r32', 'galore r32'))
 
 
+TABLE_HEADER = ('| optimizer | held-out loss | vs adamw | optimizer state'
+                ' | per seed |\n|---|---|---|---|---|')
+
+
+def table_row(label: str, histories) -> str:
+  """A row of the table: mean ± (max - min) / 2 over seeds, and each seed."""
+  final = np.array([h.eval_loss[-1] for h in histories])
+  spread = (final.max() - final.min()) / 2
+  return (f'| {label} | {final.mean():.4f} ± {spread:.4f} |'
+          f' {{vs_adamw}} | {histories[0].state_bytes / 2**20:.2f} MiB |'
+          f' {", ".join(f"{x:.4f}" for x in final)} |')
+
+
+def kept_rows(path: str, settings: str, run: set[str]) -> dict[str, str]:
+  """The rows of an earlier ``lm_quality.md`` for the labels not in ``run``.
+
+  None when the file has other settings (its rows are not comparable).
+  """
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  if settings not in lines:
+    print(f'\n{path} has other settings: its rows are not kept.')
+    return {}
+  rows = {}
+  for line in lines:
+    cells = [cell.strip() for cell in line.split('|')]
+    if (len(cells) > 2 and line.startswith('| ') and cells[1] != 'optimizer'
+        and cells[1] not in run):
+      rows[cells[1]] = line
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
@@ -66,13 +115,16 @@ def main():
   parser.add_argument('--period', type=int, default=200)
   parser.add_argument('--corpus', choices=lm_training.CORPORA,
                       default='shakespeare')
-  parser.add_argument('--out', default=os.path.join(
-      os.path.dirname(__file__), 'results'))
+  parser.add_argument('--out', default=None,
+                      help='folder of lm_quality.md and the plot (default'
+                      ' benchmarks/results, or benchmarks/results/quick)')
   parser.add_argument('--quick', action='store_true', help='smoke test (CI)')
   parser.add_argument('--only', nargs='*', metavar='LABEL',
                       help='run only the rows whose label starts with one of'
                       ' these (adamw is always run: the baseline)')
   args = parser.parse_args()
+  args.out = args.out or os.path.join(
+      os.path.dirname(__file__), 'results/quick' if args.quick else 'results')
   runs = QUICK_RUNS if args.quick else RUNS
   if args.only:
     runs = [run for run in runs if run[0] == 'adamw'
@@ -96,16 +148,29 @@ def main():
     results[label] = histories
 
   base = np.mean([h.eval_loss[-1] for h in results['adamw']])
-  print(f'\n{args.steps} steps, {args.seeds} seed(s), lr {args.lr},'
-        f' corpus {args.corpus}; held-out loss in nats per byte.\n')
-  print('| optimizer | held-out loss | vs adamw | optimizer state |')
-  print('|---|---|---|---|')
+  settings = (f'{args.steps} steps, {args.seeds} seed(s), lr {args.lr},'
+              f' period {args.period}, corpus {args.corpus}; held-out loss in'
+              ' nats per byte.')
+  rows = {}
   for label, histories in results.items():
-    final = np.array([h.eval_loss[-1] for h in histories])
-    spread = (final.max() - final.min()) / 2
-    print(f'| {label} | {final.mean():.4f} ± {spread:.4f} |'
-          f' {final.mean() - base:+.4f} |'
-          f' {histories[0].state_bytes / 2**20:.2f} MiB |')
+    mean = np.mean([h.eval_loss[-1] for h in histories])
+    rows[label] = table_row(label, histories).format(
+        vs_adamw=f'{mean - base:+.4f}')
+  table = TABLE_HEADER + '\n' + '\n'.join(rows.values())
+  print(f'\n{settings}\n\n{table}')
+
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, 'lm_quality.md')
+  if args.only:  # the earlier rows of the others, in the order of RUNS
+    rows.update(kept_rows(path, settings, set(rows)))
+    order = [run[0] for run in RUNS]
+    rows = dict(sorted(rows.items(), key=lambda item: (
+        order.index(item[0]) if item[0] in order else len(order))))
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write('# LM quality (`python benchmarks/benchmark_lm_quality.py`)\n\n'
+            f'{settings}\n\n{TABLE_HEADER}\n' + '\n'.join(rows.values())
+            + '\n')
+  print(f'\ntable: {path}')
 
   try:
     import matplotlib
@@ -114,7 +179,6 @@ def main():
   except ImportError:
     print('\n(no plot: pip install -e . -e "./examples[benchmarks]")')
     return
-  os.makedirs(args.out, exist_ok=True)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for label, histories in results.items():
     curves = np.array([h.eval_loss for h in histories])
@@ -124,9 +188,14 @@ def main():
   ax.set_title(f'Byte-level LM on {args.corpus}')
   ax.legend()
   fig.tight_layout()
-  path = os.path.join(args.out, 'lm_quality.png')
+  name = 'lm_quality.png'
+  if args.only:  # not the full run's plot
+    name = 'lm_quality_' + '_'.join(
+        re.sub(r'[^a-z0-9]+', '-', prefix.lower()) for prefix in args.only
+    ) + '.png'
+  path = os.path.join(args.out, name)
   fig.savefig(path, dpi=120)
-  print(f'\nplot: {path}')
+  print(f'plot: {path}')
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""Memory of Flora, GaLore and Fira against optax baselines, without allocating.
+"""Memory of Flora, GaLore, Fira and APOLLO against optax, without allocating.
 
 Five measurements; none allocates the arrays it measures, so a 7B model is
 fine on a laptop:
@@ -58,14 +58,14 @@ fine on a laptop:
 
 Run it with
 
-  python benchmarks/benchmark_memory.py          # full: about 12 min on 2 cores
+  python benchmarks/benchmark_memory.py          # full: about 13 min on 2 cores
   python benchmarks/benchmark_memory.py --quick  # CI smoke mode, about 80 s
   python benchmarks/benchmark_memory.py --skip-step --peak-models 7B
   python benchmarks/benchmark_memory.py --skip-step --skip-peak  # section 4
   python benchmarks/benchmark_memory.py --only-recipe  # section 5, 3-6 min
 
-Section 3 takes 4 of the full run's 12 minutes: 64 compilations (4 sizes, 2
-dtypes, 8 optimizers) of 1 to 8 s each, whatever the size; the process
+Section 3 takes 5 of the full run's 13 minutes: 80 compilations (4 sizes, 2
+dtypes, 10 optimizers) of 1 to 8 s each, whatever the size; the process
 stays under 1.2 GB of host memory, 7B included. With --quick it compiles
 2 optimizers for a 2-layer bfloat16 model instead. Section 4 takes 3
 minutes, 36 compilations of 2 to 7 s; with --quick, 3 for a 16-layer
@@ -188,7 +188,14 @@ Notes on the state table:
   rank is below the compressed side; where it is not, this library keeps
   exact Adam and no projector, so it needs less).
 * `fira` stores GaLore's state plus one float per projected matrix (the
-  norm-growth limiter's previous norm)."""
+  norm-growth limiter's previous norm).
+* `apollo` keeps Adam's moments on the rank-r projection, the shapes of
+  GaLore's, but no projector: its Gaussian projection is regenerated from
+  a key (plus Fira's one float per projected matrix). `apollo_mini` is its
+  rank-1 form (one scale per matrix, always rank 1 in this table): two
+  vectors per projected matrix. The embedding and head, never projected,
+  keep full AdamW moments in both: nearly all of `apollo_mini`'s state
+  (1.95 of its 1.97 GiB at 7B)."""
 
 
 def step_notes(model: llama.StepModel) -> str:
@@ -255,8 +262,8 @@ Notes on the peak tables:
   reserve memory for ECC have less.
 * Rank as in each heading: 128 at 60M and 256 above in the full run (the
   GaLore paper uses 512 at 1B and 1024 at 7B; section 1 has the state at
-  512). `optax.adafactor` has its defaults: no momentum, factored second
-  moments.
+  512), but `apollo_mini`'s, always 1 (the paper's). `optax.adafactor` has
+  its defaults: no momentum, factored second moments.
 * `flora_jax`'s `ProjectionRule` treats leading axes as a stack of
   independent matrices: each layer's slice of an `(L, m, n)` leaf gets its
   own projector, as with unstacked leaves. `optax.contrib.galore`'s
@@ -354,7 +361,7 @@ tokens; rank {ranks}.
 
 
 def plotted_state_optimizers() -> list[memory_tables.StateOptimizer]:
-  return [spec for spec in memory_tables.state_optimizers() if spec.plotted]
+  return [spec for spec in memory_tables.table_optimizers() if spec.plotted]
 
 
 def draw_curves(ax, xs, curves: dict) -> None:
@@ -362,18 +369,22 @@ def draw_curves(ax, xs, curves: dict) -> None:
 
   GaLore and Fira have the same state up to a few bytes, and the compressor
   in front of AdamW has AdamW's: those lines would hide each other, so the
-  later one is drawn dotted and its legend names the one it covers.
+  later one is drawn dotted and its legend names the one it covers. Lines
+  past the tenth get colours of their own, not the cycle's again.
   """
-  markers = 'osD^v<>xP*h'
+  markers = 'osD^v<>xP*hpdX8'
+  colors = [f'C{i}' for i in range(10)] + [
+      'black', 'darkgoldenrod', 'teal', 'indigo', 'lime']
   drawn = {}
-  for (label, ys), marker in zip(curves.items(), markers, strict=False):
+  for (label, ys), marker, color in zip(curves.items(), markers, colors,
+                                        strict=False):
     same_as = next((other for other, other_ys in drawn.items()
                     if np.allclose(ys, other_ys, rtol=1e-3)), None)
     if same_as is None:
-      ax.plot(xs, ys, '-', marker=marker, label=label)
+      ax.plot(xs, ys, '-', marker=marker, color=color, label=label)
     else:
-      ax.plot(xs, ys, ':', marker=marker, markersize=4, linewidth=2.5,
-              label=f'{label} (= {same_as})')
+      ax.plot(xs, ys, ':', marker=marker, color=color, markersize=4,
+              linewidth=2.5, label=f'{label} (= {same_as})')
     drawn[label] = ys
 
 
@@ -755,8 +766,9 @@ def main(argv=None) -> None:
     return
 
   emit('## 1. Optimizer-state bytes (`jax.eval_shape(tx.init, params)`)\n')
-  sizes = memory_tables.measure_states(models, ranks)
-  emit(memory_tables.state_table(sizes, models, ranks) + '\n')
+  specs = memory_tables.table_optimizers()
+  sizes = memory_tables.measure_states(models, ranks, specs)
+  emit(memory_tables.state_table(sizes, models, ranks, specs) + '\n')
   emit(STATE_NOTES + '\n')
 
   plot_rank = PLOT_RANK if PLOT_RANK in ranks else ranks[0]

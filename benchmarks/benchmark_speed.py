@@ -1,4 +1,4 @@
-"""Speed of Flora, GaLore and Fira against optax baselines, in one process.
+"""Speed of Flora, GaLore, Fira and APOLLO against optax baselines, one process.
 
 Every time is the median over interleaved rounds (one call of every
 candidate per round, the order rotated from round to round, so that machine
@@ -11,7 +11,9 @@ noise hits all of them alike), after compilation. The tables:
    step and on a refresh step separately, from states whose counters are
    fixed (Flora resamples when ``count % kappa == 0, count > 0``, GaLore and
    Fira refit when ``count % T == 0``); amortized = steady + (refresh -
-   steady) / period. For the gradient-accumulation wrappers, steady is the
+   steady) / period. APOLLO and APOLLO-Mini (rank 1 whatever the rank) draw
+   their projection at every step, so every step is their steady one.
+   For the gradient-accumulation wrappers, steady is the
    accumulate-only micro-step, refresh the emitting one and the period the
    micro-steps per update, so amortized is per micro-batch.
 2. Flora's floor: what each Flora transform computes besides making its
@@ -129,9 +131,10 @@ MICRO_STEPS = 4  # micro-batches per update of the accumulation wrappers
 # matrices, a too-elongated embedding and head, norms), compiled fast.
 TINY = (128, 344, 1, 1024)  # d_model, ffn, layers, vocab
 # --quick's candidates: one of each code path (refresh-free, resampling,
-# accumulating and SVD-refreshing transforms, the momentum and accumulation
-# floors, the flora-opt shim). Compiling, not running, takes --quick's time.
-QUICK_ONLY = 'flora,flora_multisteps,galore,flora_opt'
+# accumulating, SVD-refreshing and APOLLO's scaling transforms, the momentum
+# and accumulation floors, the flora-opt shim). Compiling, not running,
+# takes --quick's time (APOLLO's update: about a second).
+QUICK_ONLY = 'flora,flora_multisteps,galore,apollo,flora_opt'
 
 ADAMW, ADAFACTOR = 'adamw', 'adafactor'
 FLOOR_NOTE = (
@@ -279,6 +282,14 @@ def candidates(flora_opt_module=None) -> list[Candidate]:
                 GAP, fitted=True),
       Candidate('fira', 'flora_jax.fira', lambda r: flora_jax.fira(LR, r, GAP),
                 GAP, fitted=True),
+      # APOLLO draws its Gaussian projection from the key at every step (it
+      # is never stored; the key changes every T), so every step is alike:
+      # no refresh to time.
+      Candidate('apollo', f'flora_jax.apollo (T {GAP})',
+                lambda r: flora_jax.apollo(LR, r, GAP)),
+      # The paper's rank 1 whatever --rank, one scale per matrix.
+      Candidate('apollo_mini', 'flora_jax.apollo_mini (rank 1)',
+                lambda r: flora_jax.apollo_mini(LR, 1, GAP)),
       Candidate('contrib_galore', 'optax.contrib.galore',
                 lambda r: optax.contrib.galore(LR, rank=r,
                                                update_proj_gap=GAP),

@@ -29,13 +29,19 @@ from flora_jax_examples import checkpoints
 from flora_jax_examples import datasets
 
 OPTIMIZERS = ('adamw', 'adafactor', 'flora', 'flora-rademacher', 'galore',
-              'galore-randomized', 'fira')
+              'galore-randomized', 'fira', 'apollo', 'apollo-mini')
 CORPORA = ('shakespeare', 'stdlib')
 
 
 def make_optimizer(name: str, lr: float, rank: int, period: int,
                    min_dim: int) -> optax.GradientTransformation:
-  """The optimizer ``name``; the low-rank ones project the block matrices."""
+  """The optimizer ``name``; the low-rank ones project the block matrices.
+
+  ``'apollo'`` and ``'apollo-mini'`` (`flora_jax.apollo`,
+  `flora_jax.apollo_mini`) keep their paper defaults but the rank, which is
+  ``rank`` for both (APOLLO-Mini's paper rank is 1: pass it), and T =
+  ``period``.
+  """
   in_blocks = flora_jax.path_mask(byte_lm.in_blocks)
   low_rank = dict(min_dim=min_dim, projection_mask=in_blocks)
   if name == 'adamw':
@@ -52,6 +58,12 @@ def make_optimizer(name: str, lr: float, rank: int, period: int,
                             projector=projector, **low_rank)
   if name == 'fira':
     return flora_jax.fira(lr, rank, update_proj_gap=period, **low_rank)
+  if name == 'apollo':
+    return flora_jax.apollo(lr, rank, update_proj_gap=period,
+                            min_dim=min_dim, projection_mask=in_blocks)
+  if name == 'apollo-mini':
+    return flora_jax.apollo_mini(lr, rank, update_proj_gap=period,
+                                 min_dim=min_dim, projection_mask=in_blocks)
   raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}')
 
 
@@ -76,7 +88,8 @@ class TrainConfig:
     batch_size: sequences per step.
     lr: the learning rate.
     rank: the rank of the low-rank optimizers.
-    period: Flora's ``kappa`` / GaLore's and Fira's ``update_proj_gap``.
+    period: Flora's ``kappa`` / GaLore's, Fira's and APOLLO's
+      ``update_proj_gap``.
     min_dim: the smallest matrix side that is projected (and factored).
     seed: of the initial weights and the batches.
     log_every: steps between two recorded training losses.

@@ -50,10 +50,15 @@ class StateOptimizer:
   build: Callable[[int], Any]  # rank -> optimizer with an ``init``
   uses_rank: bool = True
   plotted: bool = True
+  # The rank column of an optimizer at one fixed rank (uses_rank False).
+  fixed_rank: int | None = None
 
 
 def state_optimizers() -> list[StateOptimizer]:
-  """The optimizers of the state table, baselines first.
+  """The optimizers of the state table built at its ranks, baselines first.
+
+  Each one built with rank r projects at rank r (or keeps full state); the
+  table adds `fixed_rank_optimizers` (`table_optimizers`).
 
   Every Adam here is `optax.adamw` (``optax.adam`` has the same state: the
   decoupled decay keeps none), so the accumulation and compression rows
@@ -82,6 +87,8 @@ def state_optimizers() -> list[StateOptimizer]:
       StateOptimizer('flora_jax.galore',
                      lambda r: flora_jax.galore(lr, rank=r)),
       StateOptimizer('flora_jax.fira', lambda r: flora_jax.fira(lr, rank=r)),
+      StateOptimizer('flora_jax.apollo',
+                     lambda r: flora_jax.apollo(lr, rank=r)),
       StateOptimizer('optax.contrib.galore',
                      lambda r: optax.contrib.galore(lr, rank=r)),
       # The choices optax.contrib.galore makes, in this library; not plotted
@@ -93,24 +100,51 @@ def state_optimizers() -> list[StateOptimizer]:
   ]
 
 
+def fixed_rank_optimizers() -> list[StateOptimizer]:
+  """The state table's optimizers at a rank of their own, not the table's.
+
+  APOLLO-Mini, at the paper's rank 1 (`state_optimizers` are those that
+  project at the rank they are built with).
+  """
+  return [StateOptimizer('flora_jax.apollo_mini',
+                         lambda r: flora_jax.apollo_mini(LEARNING_RATE),
+                         uses_rank=False, fixed_rank=1)]
+
+
+def table_optimizers() -> list[StateOptimizer]:
+  """Every row of the benchmark's state table and plots: `state_optimizers`,
+  with `fixed_rank_optimizers` after APOLLO."""
+  specs = state_optimizers()
+  at = 1 + next(i for i, spec in enumerate(specs)
+                if spec.label == 'flora_jax.apollo')
+  return specs[:at] + fixed_rank_optimizers() + specs[at:]
+
+
 def state_size(optimizer, params) -> int:
   """Bytes of ``optimizer.init(params)``, from shapes alone."""
   return flora_jax.memory.state_bytes(jax.eval_shape(optimizer.init, params))
 
 
-def measure_states(models, ranks) -> dict:
-  """``{(label, rank or None, model): bytes}`` for every table cell."""
+def measure_states(models, ranks, specs=None) -> dict:
+  """``{(label, rank or None, model): bytes}`` for every table cell.
+
+  ``specs``: the rows, `state_optimizers` by default (the benchmark's are
+  `table_optimizers`).
+  """
   sizes = {}
   for model in models:
     params = llama.llama_params(*llama.LLAMA_SHAPES[model])
-    for spec in state_optimizers():
+    for spec in specs or state_optimizers():
       for rank in (ranks if spec.uses_rank else (None,)):
         sizes[spec.label, rank, model] = state_size(spec.build(rank), params)
   return sizes
 
 
-def state_table(sizes, models, ranks) -> str:
-  """Markdown: a row per optimizer and rank, a column per model size."""
+def state_table(sizes, models, ranks, specs=None) -> str:
+  """Markdown: a row per optimizer and rank, a column per model size.
+
+  ``specs``: the rows, as in `measure_states`.
+  """
   header_cells = []
   for model in models:
     count = llama.parameter_count(
@@ -120,14 +154,14 @@ def state_table(sizes, models, ranks) -> str:
       '| optimizer | rank | ' + ' | '.join(header_cells) + ' |',
       '|---|---|' + '---|' * len(models),
   ]
-  for spec in state_optimizers():
+  for spec in specs or state_optimizers():
     for rank in (ranks if spec.uses_rank else (None,)):
       cells = []
       for model in models:
         size = sizes[spec.label, rank, model]
         adamw = sizes['optax.adamw', None, model]
         cells.append(f'{size / GIB:.3f} GiB ({percent(size, adamw)})')
-      rank_cell = str(rank) if rank else '–'
+      rank_cell = str(rank or spec.fixed_rank or '–')
       lines.append(f'| {spec.label} | {rank_cell} | '
                    + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
@@ -150,6 +184,8 @@ def step_optimizers(rank: int, quick: bool) -> dict:
   if not quick:
     optimizers['flora_jax.galore'] = flora_jax.galore(lr, rank=rank)
     optimizers['optax.contrib.galore'] = optax.contrib.galore(lr, rank=rank)
+    optimizers['flora_jax.apollo'] = flora_jax.apollo(lr, rank=rank)
+    optimizers['flora_jax.apollo_mini'] = flora_jax.apollo_mini(lr)
   return optimizers
 
 
@@ -207,6 +243,8 @@ def peak_optimizers(rank: int, quick: bool) -> dict:
           lr, rank=rank, momentum_dtype=jnp.bfloat16),
       'flora_jax.galore': flora_jax.galore(lr, rank=rank),
       'flora_jax.fira': flora_jax.fira(lr, rank=rank),
+      'flora_jax.apollo': flora_jax.apollo(lr, rank=rank),
+      'flora_jax.apollo_mini': flora_jax.apollo_mini(lr),  # rank 1
   }
 
 
