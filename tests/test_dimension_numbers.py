@@ -240,7 +240,8 @@ def test_one_dimension_numbers_apply_to_every_matrix():
 
 def test_state_shardings_keep_the_matrix_view_after_a_memory_report():
   """Both trace `init`; the second trace must still see the plans."""
-  mesh = jax.make_mesh((1,), ('model',))
+  mesh = jax.make_mesh((1,), ('model',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
   params = {'w': jax.ShapeDtypeStruct((64, 2, 128), jnp.float32)}
   specs = {'w': P(None, None, 'model')}
   tx = flora_jax.galore(1e-3, rank=8, min_dim=16,
