@@ -187,9 +187,10 @@ def test_apollo_limiter_bounds_each_slices_growth():
         rule=flora_jax.ProjectionRule(4, min_dim=0, max_aspect_ratio=None),
         update_proj_gap=2, growth_limit=limit)
     state = tx.init(params)
+    step = jax.jit(tx.update)
     per_step = []
     for grads in grads_seq:
-      updates, state = tx.update(grads, state, params)
+      updates, state = step(grads, state, params)
       per_step.append(np.linalg.norm(
           np.asarray(updates['stack']).reshape(3, -1), axis=1))
     norms[limit] = np.stack(per_step)

@@ -16,6 +16,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import flora_jax
+from flora_jax._src.projection import MatrixAxes
 
 # Derandomized: the same examples in every run, so CI is reproducible.
 PROPERTY = settings(max_examples=6, deadline=None, derandomize=True,
@@ -82,6 +83,11 @@ TRANSFORMS = {
         flora_jax.scale_by_adam_hf(), rule, update_proj_gap=2),
     'fira random sgd': lambda rule: flora_jax.scale_by_fira(
         optax.identity(), rule, projector='random'),
+    'apollo': lambda rule: flora_jax.scale_by_apollo(rule=rule,
+                                                     update_proj_gap=2),
+    'apollo tensor lion': lambda rule: flora_jax.scale_by_apollo(
+        optax.scale_by_lion(), rule, update_proj_gap=2,
+        granularity='tensor'),
 }
 
 
@@ -108,3 +114,50 @@ def test_any_tree_gives_finite_updates_and_no_more_state(name, tree, rule):
       assert bool(jnp.all(jnp.isfinite(u))), (path, step)
   assert _state_bytes(tx, params) <= _state_bytes(
       make(_nothing_projected(rule)), params)
+
+
+@st.composite
+def matrix_layouts(draw):
+  """A shape of 2-4 axes and dimension numbers: some axes as rows, some as
+  columns (each in any order), the rest stacked."""
+  shape = tuple(draw(st.lists(st.integers(1, 4), min_size=2, max_size=4)))
+  axes = draw(st.permutations(range(len(shape))))
+  n_rows = draw(st.integers(1, len(shape) - 1))
+  n_columns = draw(st.integers(1, len(shape) - n_rows))
+  rows, columns = axes[:n_rows], axes[n_rows:n_rows + n_columns]
+  return shape, flora_jax.DimensionNumbers(tuple(rows), tuple(columns))
+
+
+@PROPERTY
+@given(layout=matrix_layouts())
+def test_matrix_view_keeps_every_entry_of_each_stacked_matrix(layout):
+  """The view is a bijection, and each stacked slice holds exactly the
+  entries of the leaf at that index of the stacked axes."""
+  shape, numbers = layout
+  # Projected or not (sizes here are tiny), the view is the same.
+  plan = flora_jax.projections.LeafPlan(
+      'w', shape, axes=MatrixAxes.resolve(numbers, 'w', shape))
+  x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+  view = plan.matrix_shape
+  rows, columns = (np.atleast_1d(a) for a in numbers)
+  stacked = [a for a in range(len(shape)) if a not in {*rows, *columns}]
+  assert view == (*(shape[a] for a in stacked),
+                  np.prod([shape[a] for a in rows]),
+                  np.prod([shape[a] for a in columns]))
+  matrices = plan.to_matrix(x)
+  assert matrices.shape == view
+  np.testing.assert_array_equal(plan.from_matrix(matrices), x)
+  # Each entry's coordinates in the leaf: a row fixes the row axes, in the
+  # order given (the first varies slowest), a column the column axes, a
+  # slice the stacked axes.
+  coords = np.unravel_index(np.asarray(matrices).astype(int), shape)
+  for a in stacked:
+    assert np.all(coords[a] == coords[a][..., :1, :1])
+  for side, along in ((rows, -1), (columns, -2)):
+    picked = np.stack([np.take(coords[a], [0], axis=along) for a in side])
+    assert np.all(np.stack([coords[a] for a in side]) == picked)
+    first = np.stack([coords[a] for a in side]).reshape(len(side), -1)
+    order = [tuple(c) for c in first.T]
+    expected = list(np.ndindex(*(shape[a] for a in side)))
+    seen = list(dict.fromkeys(order))
+    assert seen == expected
