@@ -17,19 +17,10 @@ import pytest
 
 import flora_jax
 from flora_jax._src import refresh
+from test_galore import _params  # the same small tree as GaLore's tests
 
 GAP = 4
 SMALL: dict[str, Any] = dict(min_dim=8)
-
-
-def _params():
-  keys = jax.random.split(jax.random.key(0), 4)
-  return {
-      'wide': jax.random.normal(keys[0], (16, 32)),  # side left
-      'tall': jax.random.normal(keys[1], (32, 16)),  # side right
-      'stacked': jax.random.normal(keys[2], (3, 16, 24)),
-      'bias': jax.random.normal(keys[3], (32,)),
-  }
 
 
 PARAMS = _params()

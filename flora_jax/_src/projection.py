@@ -566,24 +566,34 @@ def _unprojected_by_cause(leaves: list[LeafPlan]) -> str:
 
 def _mask_leaves(mask: MaskOrFn, tree: Any) -> list[bool]:
   """Broadcasts an optax-style mask over ``tree``; one bool per leaf."""
-  n_leaves = len(jax.tree.leaves(tree))
   if mask is None:
-    return [True] * n_leaves
+    return [True] * len(jax.tree.leaves(tree))
   mask_tree = mask(tree) if callable(mask) else mask
+  return [bool(x) for x in _per_leaf(mask_tree, tree, 'projection_mask',
+                                     'bools')]
+
+
+def _per_leaf(prefix: Any, tree: Any, name: str, what: str,
+              is_leaf: Callable[[Any], bool] | None = None) -> list[Any]:
+  """``prefix``, a pytree prefix of ``tree``, as one entry per leaf.
+
+  Errors name the argument (``name``) and what its leaves are (``what``).
+  """
   try:
-    full = jax.tree.broadcast(mask_tree, tree)
+    full = jax.tree.broadcast(prefix, tree, is_leaf=is_leaf)
   except (ValueError, TypeError) as err:
     raise ValueError(
-        'projection_mask must be a pytree of bools with the structure of the'
+        f'{name} must be a pytree of {what} with the structure of the'
         f' parameters (or a prefix of it): {err}'
     ) from None
-  leaves = jax.tree.leaves(full)
+  leaves = jax.tree.leaves(full, is_leaf=is_leaf)
+  n_leaves = len(jax.tree.leaves(tree))
   if len(leaves) != n_leaves:
     raise ValueError(
-        f'projection_mask has {len(leaves)} leaves after broadcasting, the'
+        f'{name} has {len(leaves)} leaves after broadcasting, the'
         f' parameters have {n_leaves}.'
     )
-  return [bool(x) for x in leaves]
+  return leaves
 
 
 def to_matrices(plans: Any, tree: Any) -> Any:
@@ -608,21 +618,9 @@ def _dimension_numbers_leaves(numbers: DimensionNumbersOrFn,
   if callable(numbers) and _positional_arity(numbers) == 2:
     numbers = path_dimension_numbers(cast(Callable[[str, Any], Any], numbers))
   numbers_tree = numbers(tree) if callable(numbers) else numbers
-  try:
-    full = jax.tree.broadcast(numbers_tree, tree,
-                              is_leaf=lambda x: x is None
-                              or is_dimension_numbers(x))
-  except (ValueError, TypeError) as err:
-    raise ValueError(
-        'dimension_numbers must be a pytree of DimensionNumbers or None with'
-        f' the structure of the parameters (or a prefix of it): {err}'
-    ) from None
-  leaves = jax.tree.leaves(full, is_leaf=lambda x: x is None
-                           or is_dimension_numbers(x))
-  if len(leaves) != n_leaves:
-    raise ValueError(
-        f'dimension_numbers has {len(leaves)} leaves after broadcasting, the'
-        f' parameters have {n_leaves}.')
+  leaves = _per_leaf(numbers_tree, tree, 'dimension_numbers',
+                     'DimensionNumbers or None',
+                     is_leaf=lambda x: x is None or is_dimension_numbers(x))
   for leaf in leaves:
     if leaf is not None and not is_dimension_numbers(leaf):
       raise TypeError(
