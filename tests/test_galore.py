@@ -5,10 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 
 import flora_jax
 from flora_jax import projections
+from flora_jax._src import keys as keys_impl
 from flora_jax._src import projectors as projectors_impl
+from flora_jax._src import refresh as refresh_impl
 
 SMALL = dict(min_dim=8)  # let the small test matrices be projected
 RULE = flora_jax.ProjectionRule(4, **SMALL)
@@ -117,6 +120,31 @@ def test_randomized_projector_on_pure_noise_is_still_orthonormal():
                                      _plan(g.shape, 'left', 8),
                                      power_iterations=0, oversampling=0)
   np.testing.assert_allclose(q.T @ q, jnp.eye(8), atol=1e-5)
+
+
+def test_randomized_projector_takes_the_slices_keys_or_their_base_key():
+  g = jax.random.normal(jax.random.key(8), (3, 40, 24))
+  plan = _plan(g.shape, 'right', 4)
+  key = jax.random.key(9)
+  per_slice = refresh_impl.slice_keys(key, plan.batch_shape)
+  np.testing.assert_array_equal(randomized_projector(key, g, plan),
+                                randomized_projector(per_slice, g, plan))
+
+
+def test_the_range_finders_hashed_normals_are_standard_normal():
+  draws = [keys_impl.hashed_normal(jax.random.key(k), (300, 200))
+           for k in range(3)]
+  for z in draws:
+    # Kolmogorov-Smirnov at 60,000 draws: a distance above 0.007 has
+    # p < 0.01 under N(0, 1).
+    assert scipy.stats.kstest(np.asarray(z).ravel(), 'norm').statistic < 7e-3
+    assert float(jnp.max(jnp.abs(z))) < 4.9
+  # Other keys, other values: their correlation is that of independent ones.
+  first, second = (np.asarray(z).ravel() for z in draws[:2])
+  assert abs(np.corrcoef(first, second)[0, 1]) < 0.02
+  # Neighbouring entries are uncorrelated too (the hash of consecutive
+  # indices).
+  assert abs(np.corrcoef(first[:-1], first[1:])[0, 1]) < 0.02
 
 
 def test_change_basis_equals_down_of_up():

@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from flora_jax._src import compat
@@ -153,7 +152,7 @@ def round_stochastic(x: jax.Array, dtype: jax.typing.DTypeLike,
   lead = max(x.ndim - 2, 0)
   words = keys.per_slice(lambda k: jax.random.key_data(k).ravel(), key,
                          x.shape[:lead])
-  uniform = hashed_uniform(words.reshape(x.shape[:lead] + (1,) * (
+  uniform = keys.hashed_uniform(words.reshape(x.shape[:lead] + (1,) * (
       x.ndim - lead) + words.shape[-1:]), x.shape)
   rounded = jnp.where(uniform < share, other, nearest)
   return jnp.where(jnp.isnan(x), x.astype(dtype),
@@ -161,35 +160,3 @@ def round_stochastic(x: jax.Array, dtype: jax.typing.DTypeLike,
 
 
 _UINT = {1: jnp.uint8, 2: jnp.uint16}
-
-
-def _mix(h: jax.Array) -> jax.Array:
-  """A bijective mix of 32 bits (MurmurHash3's finalizer)."""
-  h = h ^ (h >> 16)
-  h = h * np.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * np.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
-
-
-def hashed_uniform(words: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Uniform float32 in [0, 1), one per element of ``shape``.
-
-  A hash of the element's index within its matrix (the last two axes,
-  row-major; it repeats beyond 2^32 elements) and a key's words
-  (``words[..., i]``, broadcast against ``shape``): 24 random bits per
-  element. Unlike `jax.random.uniform`, whose counters XLA's CPU backend
-  holds in memory (16 bytes per element), it is elementwise and fuses into
-  the rounding around it.
-  """
-  ndim = len(shape)
-  index = jnp.zeros(shape, jnp.uint32)
-  if ndim:
-    index = jax.lax.broadcasted_iota(jnp.uint32, shape, ndim - 1)
-  if ndim > 1:
-    index = index + jax.lax.broadcasted_iota(
-        jnp.uint32, shape, ndim - 2) * np.uint32(shape[-1])
-  h = index
-  for i in range(words.shape[-1]):
-    h = _mix(h ^ words[..., i])
-  return (h >> 8).astype(jnp.float32) * np.float32(2.0**-24)

@@ -600,15 +600,15 @@ class _FittedProjectors:
 
   def advance(self, plans, updates, state, gap, transfer_moments):
     old = stored_projectors(state.projectors)
-    schedule = _Schedule.of(self.staggered, state, gap)
+    schedule = _Schedule.of(self.staggered, state, gap, plans)
     axes = refresh.mesh_axes() if self.distribute else ()
     if axes:
       new = self._spread_refits(plans, updates, old, schedule, axes)
     else:
       new = jax.tree.map(
-          lambda plan, g, q_old, phase: self._refit(plan, g, q_old, schedule,
-                                                    phase),
-          plans, updates, old, schedule.phases,
+          lambda plan, g, q_old, phase, keys: self._refit(
+              plan, g, q_old, schedule, phase, keys),
+          plans, updates, old, schedule.phases, schedule.slice_keys,
       )
     inner_state = state.inner_state
     if transfer_moments:
@@ -630,14 +630,16 @@ class _FittedProjectors:
                       plan.rank)
     return lambda g, key: self.fit(matrix, g, key)
 
-  def _refit(self, plan, g, q_old, schedule, phase):
-    """One leaf's projectors; the factorisation runs only when due."""
+  def _refit(self, plan, g, q_old, schedule, phase, keys):
+    """One leaf's projectors; the factorisation runs only when due.
+
+    ``keys``: those of its slices' fits, ``plan.batch_shape``.
+    """
     if not plan.projected:
       return q_old
     if not self.staggered:
-      return self._refit_all(plan, g, q_old, schedule)
+      return self._refit_all(plan, g, q_old, schedule, keys)
     take = schedule.taken(q_old, phase)
-    key = schedule.state_key(plan)
 
     def fit(g, q_old):
       if plan.batch_shape and not any(
@@ -645,24 +647,24 @@ class _FittedProjectors:
         # Only the due slices: one SVD per step, not one per slice.
         q_new = refresh.fit_where(
             self._fit_one(plan), projectors.gather_matrix_axes(g), q_old,
-            take, refresh.slice_keys(key, plan.batch_shape))
+            take, keys)
       else:
         # A stack sharded along its slices (Explicit) is fitted where its
         # slices are, all of them (see `compat.each_matrix`).
-        q_new = self.fit(plan, g, key)
+        q_new = self.fit(plan, g, keys)
       ok = take & refresh.usable(g, q_new)
       return jnp.where(ok[..., None, None], q_new, q_old)
 
     # One branch per leaf, as in `_refit_all`.
     return compat.cond(jnp.any(take), fit, lambda g, q_old: q_old, g, q_old)
 
-  def _refit_all(self, plan, g, q_old, schedule):
+  def _refit_all(self, plan, g, q_old, schedule, keys):
     """The synchronous refit of one leaf: every slice, when scheduled."""
     scheduled = schedule.scheduled
     missing = _never_fitted(q_old)
 
     def fit(g, q_old):
-      q_new = self.fit(plan, g, schedule.state_key(plan))
+      q_new = self.fit(plan, g, keys)
       usable = jnp.all(jnp.isfinite(g), axis=(-2, -1)) & jnp.any(
           g != 0, axis=(-2, -1)
       )
@@ -681,13 +683,15 @@ class _FittedProjectors:
     flat_plans, treedef = jax.tree.flatten(plans)
     leaves = list(zip(flat_plans, treedef.flatten_up_to(updates),
                       treedef.flatten_up_to(old),
-                      treedef.flatten_up_to(schedule.phases), strict=True))
+                      treedef.flatten_up_to(schedule.phases),
+                      treedef.flatten_up_to(schedule.slice_keys),
+                      strict=True))
     groups: dict[Any, list[int]] = {}
     for i, plan in enumerate(flat_plans):
       if plan.projected:
         groups.setdefault((plan.matrix_shape[-2:], plan.side, plan.rank),
                           []).append(i)
-    new = [q for _, _, q, _ in leaves]
+    new = [leaf[2] for leaf in leaves]
     for members in groups.values():
       refitted = self._refit_group([leaves[i] for i in members], schedule,
                                    axes)
@@ -699,26 +703,25 @@ class _FittedProjectors:
     """The projectors of leaves of one fit shape, their fits spread over the
     devices of ``axes`` (see `refresh.spread_fit`).
 
-    ``group``: (plan, gradient, stored projectors, phases) per leaf.
+    ``group``: (plan, gradient, stored projectors, phases, slice keys) per
+    leaf.
     """
-    plans, gs, qs, phases = (list(x) for x in zip(*group, strict=True))
+    plans, gs, qs, phases, keys = (list(x) for x in zip(*group, strict=True))
     takes = [schedule.taken(q, phase)
              for q, phase in zip(qs, phases, strict=True)]
 
     def spread(gs, qs):
       q_news = refresh.spread_fit(
-          self._fit_one(plans[0]), gs,
-          [refresh.slice_keys(schedule.state_key(plan), plan.batch_shape)
-           for plan in plans],
-          takes, qs, axes)
+          self._fit_one(plans[0]), gs, keys, takes, qs, axes)
       return [jnp.where((take & refresh.usable(g, q_new))[..., None, None],
                         q_new, q_old)
               for g, q_new, q_old, take in zip(gs, q_news, qs, takes,
                                                 strict=True)]
 
     def locally(gs, qs):
-      return [self._refit(plan, g, q, schedule, phase)
-              for plan, g, q, phase in zip(plans, gs, qs, phases, strict=True)]
+      return [self._refit(plan, g, q, schedule, phase, k)
+              for plan, g, q, phase, k in zip(plans, gs, qs, phases, keys,
+                                              strict=True)]
 
     missing = jnp.any(jnp.stack([jnp.any(_never_fitted(q)) for q in qs]))
     if self.staggered:
@@ -735,33 +738,33 @@ class _Schedule:
   """Which slices a step refits, and the keys their fits draw from."""
 
   count: jax.Array
-  base_key: jax.Array
   gap: Any
   phases: Any  # per leaf: int32 phases (staggered), else 0
   staggered: bool
+  # Per projected leaf: its slices' keys, plan.batch_shape; None elsewhere.
+  slice_keys: Any
 
   @classmethod
-  def of(cls, staggered, state, gap):
+  def of(cls, staggered, state, gap, plans):
     if staggered:
       phases = state.projectors.phases
     else:
       # A placeholder of the projectors' structure (masked leaves kept).
       phases = jax.tree.map(lambda _: 0, state.projectors)
-    return cls(state.count, state.key, gap, phases, staggered)
+    # Staggered slices refresh at any step: the count keeps their fits'
+    # draws apart (the first fit and the first refresh share count // T).
+    key_index = state.count if staggered else state.count // gap
+    # Derived for all leaves at once, outside the refits' branches: derived
+    # per leaf inside each branch, the key hashes took most of the compile
+    # time of a randomized refit (the SVD's fits ignore them).
+    slice_keys = projectors.unstack(
+        plans, projectors.stack_keys(state.key, plans, [key_index])[0])
+    return cls(state.count, gap, phases, staggered, slice_keys)
 
   @property
   def scheduled(self) -> jax.Array:
     """Synchronous: whether this step refreshes every projector."""
     return self.count % self.gap == 0
-
-  @property
-  def key_index(self) -> jax.Array:
-    # Staggered slices refresh at any step: the count keeps their fits'
-    # draws apart (the first fit and the first refresh share count // T).
-    return self.count if self.staggered else self.count // self.gap
-
-  def state_key(self, plan: LeafPlan) -> jax.Array:
-    return keys.projection_key(self.base_key, plan.path, self.key_index)
 
   def taken(self, q_old: jax.Array, phase: Any) -> jax.Array:
     """Per stacked slice: due now, or never fitted."""
