@@ -47,7 +47,7 @@ from flora_jax._src.subspace import GaLoreState
 from flora_jax._src.subspace import scale_by_fira
 from flora_jax._src.subspace import scale_by_galore
 
-__version__ = '0.8.0'
+__version__ = '0.8.1'
 
 __all__ = (
     'DimensionNumbers',
