@@ -195,10 +195,10 @@ def _mix(h: jax.Array) -> jax.Array:
 
 
 def _hashed_bits(words: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """32 hashed bits per element of ``shape``.
+  """32 bits per element of ``shape``, hashed from its index and ``words``.
 
-  Of the element's index within its matrix (the last two axes, row-major;
-  it repeats beyond 2^32 elements) and the words ``words[..., i]``,
+  The index is the element's within its matrix (the last two axes,
+  row-major; it repeats beyond 2^32 elements); ``words[..., i]`` are
   broadcast against ``shape``.
   """
   ndim = len(shape)

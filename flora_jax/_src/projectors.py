@@ -624,14 +624,21 @@ def randomized_projector(
     a = jnp.swapaxes(a, -1, -2)
   rows, cols = a.shape[-2:]
   width = min(rank + oversampling, rows)
+  if key.shape not in ((), plan.batch_shape):
+    raise ValueError(
+        f'randomized_projector of {plan.path}: key must be one key or one'
+        f' per stacked slice, shape {plan.batch_shape}; got shape'
+        f' {key.shape}.')
+
   def draw(key):
     return keys.hashed_normal(key, (cols, width))
 
-  if plan.batch_shape and key.shape == plan.batch_shape:
+  if key.shape:
     omega = jax.vmap(draw)(key.reshape(-1)).reshape(
         plan.batch_shape + (cols, width))
   else:
     omega = keys.per_slice(draw, key, plan.batch_shape)
+
   def transpose(x):
     return jnp.swapaxes(x, -1, -2)
 
