@@ -145,7 +145,11 @@ FLOOR_NOTE = (
     ' low-rank history with the projectors passed in (the full momentum of'
     ' the leaves that are not projected; for the accumulation wrapper'
     ' `acc + down(g)` and the zero updates, at the emitting step AdamW and'
-    ' `up(acc + down(g)) / k`; for flora_compress Adam and `up(down(g))`).')
+    ' `up(acc + down(g)) / k`; for flora_compress Adam and `up(down(g))`).'
+    ' The accumulation wrappers\' accumulate step is timed twice: as the'
+    ' other rows, and with its state and gradients donated as in a training'
+    ' loop (undonated, XLA must copy the inner optimizer\'s state into new'
+    ' buffers at every micro-step: two copies of the parameters for AdamW).')
 FLOOR_TARGET, COMPILE_TARGET, STAGGER_TARGET = 1.1, 3.0, 3.0
 
 
@@ -540,6 +544,9 @@ class UpdateTimes:
   floor: dict[str, float]
   floor_emit: dict[str, float]
   compile: dict[str, float]
+  # Accumulation wrappers: the accumulate step with its state and gradients
+  # donated (`donated_accumulate`).
+  donated: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def amortized(self, c: Candidate) -> float:
     if c.key not in self.refresh:
@@ -574,6 +581,9 @@ def measure_updates(size: str, cands: Sequence[Candidate], rank: int,
     steady, refresh = phase_states(c, update, state, grads, params)
     fast[c.key, 'steady', 0] = functools.partial(update, grads, steady,
                                                  params)
+    if c.accumulates:
+      fast[c.key, 'donated', 0] = donated_accumulate(tx, grads, steady,
+                                                     params)
     if refresh is not None:
       group = slow if c.fitted else fast
       group[c.key, 'refresh', 0] = functools.partial(update, grads, refresh,
@@ -587,10 +597,33 @@ def measure_updates(size: str, cands: Sequence[Candidate], rank: int,
   # Each refresh state has run once already (`phase_states`, count 0).
   times.update(interleaved_medians(slow, slow_rounds, warmup=False))
   by_phase = {phase: {} for phase in ('steady', 'refresh', 'floor',
-                                      'floor_emit')}
+                                      'floor_emit', 'donated')}
   for (key, phase, _), t in times.items():
     by_phase[phase][key] = by_phase[phase].get(key, 0.0) + t
   return UpdateTimes(size, compile=compile_s, **by_phase)
+
+
+def donated_accumulate(tx, grads, steady, params) -> Callable[[], Any]:
+  """The accumulate step as a training loop runs it: state donated.
+
+  Undonated, the step must return the inner optimizer's state (AdamW: two
+  copies of the parameters) in new buffers, and XLA copies it at every
+  micro-step, as for `optax.MultiSteps`. The gradients are donated too: a
+  donated state alone would lend its buffers to the zero updates, which
+  come first among the outputs. Each call's zero updates are the next
+  call's gradients (the same arithmetic as any values), ``mini_step``
+  reset to accumulate again.
+  """
+  update = jax.jit(tx.update, donate_argnums=(0, 1))
+  holder = [jax.tree.map(jnp.copy, grads), jax.tree.map(jnp.copy, steady)]
+
+  def call():
+    updates, state = update(*holder, params)
+    holder[:] = [updates,
+                 state._replace(mini_step=jnp.zeros_like(state.mini_step))]
+    return updates
+
+  return call
 
 
 def size_inputs(size: str, rank: int) -> Inputs:
@@ -932,6 +965,8 @@ def floor_table(t: UpdateTimes, cands: Sequence[Candidate]) -> str:
       continue
     if c.accumulates:
       row(c.label, 'accumulate', t.floor[c.key], t.steady[c.key])
+      row(c.label, 'accumulate, state donated', t.floor[c.key],
+          t.donated[c.key])
       row(c.label, 'emit', t.floor_emit[c.key], t.refresh[c.key])
     else:
       row(c.label, 'steady', t.floor[c.key], t.steady[c.key])
