@@ -581,7 +581,7 @@ def measure_updates(size: str, cands: Sequence[Candidate], rank: int,
     steady, refresh = phase_states(c, update, state, grads, params)
     fast[c.key, 'steady', 0] = functools.partial(update, grads, steady,
                                                  params)
-    if c.accumulates:
+    if c.accumulates and c.floor:
       fast[c.key, 'donated', 0] = donated_accumulate(tx, grads, steady,
                                                      params)
     if refresh is not None:

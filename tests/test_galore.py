@@ -129,6 +129,12 @@ def test_randomized_projector_takes_the_slices_keys_or_their_base_key():
   per_slice = refresh_impl.slice_keys(key, plan.batch_shape)
   np.testing.assert_array_equal(randomized_projector(key, g, plan),
                                 randomized_projector(per_slice, g, plan))
+  # A legacy raw key and an int seed are the typed key they stand for.
+  np.testing.assert_array_equal(
+      randomized_projector(key, g, plan),
+      projections.randomized_projector(jax.random.key_data(key), g, plan))
+  np.testing.assert_array_equal(randomized_projector(key, g, plan),
+                                projections.randomized_projector(9, g, plan))
   with pytest.raises(ValueError, match=r'one per stacked slice, shape \(3,\)'):
     projections.randomized_projector(per_slice[:2], g, plan)
 

@@ -235,8 +235,8 @@ def hashed_normal(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
   For the test matrix of the range finder (`projectors.randomized_projector`):
   each refit is its own branch of the compiled update, with its own
   generator, and this one compiles in a fraction of `jax.random.normal`'s
-  time (threefry's rounds and an inverse error function). Nothing stored
-  depends on these values.
+  time (threefry's rounds and an inverse error function). The fits are
+  stored, so no state needs these values again to be read.
   """
   words = jax.random.key_data(key).reshape(-1)
   bits = _hashed_bits(words, shape)

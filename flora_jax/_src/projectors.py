@@ -592,12 +592,14 @@ def randomized_projector(
   the key, not from `jax.random.normal`'s threefry draw: the same
   distribution up to 16-bit uniforms, and a fit that compiles several
   times faster (each refit is its own branch of the compiled update, with
-  its own generator). Nothing stored depends on the draw.
+  its own generator). The fitted projectors are stored, so no state needs
+  the draw again to be read.
 
   Args:
-    key: a typed PRNG key for the sketch ``Ω``; slice ``s`` of a stacked
-      leaf draws from ``fold_in(key, s)``. Or the slices' keys themselves,
-      an array of keys of shape ``plan.batch_shape``.
+    key: a PRNG key for the sketch ``Ω`` (typed, raw ``uint32[2]`` or an
+      int seed); slice ``s`` of a stacked leaf draws from
+      ``fold_in(key, s)``. Or the slices' typed keys themselves, an array
+      of shape ``plan.batch_shape``.
     g: the gradient, ``(..., m, n)``.
     plan: its `LeafPlan` (must be projected).
     power_iterations: q, the number of refining passes.
@@ -624,6 +626,8 @@ def randomized_projector(
     a = jnp.swapaxes(a, -1, -2)
   rows, cols = a.shape[-2:]
   width = min(rank + oversampling, rows)
+  if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+    key = keys.as_prng_key(key)  # a raw uint32[2] key or an int seed
   if key.shape not in ((), plan.batch_shape):
     raise ValueError(
         f'randomized_projector of {plan.path}: key must be one key or one'

@@ -113,7 +113,7 @@ def usable(g: jax.Array, q: jax.Array) -> jax.Array:
 def slice_keys(key: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
   """The key each stacked slice's fit draws from, shape ``batch_shape``.
 
-  Those of the batched fit (`flora_jax.projections.normal_per_slice`):
+  Those of the batched fit (`flora_jax.projections.randomized_projector`):
   slice ``s`` of a stack draws from ``fold_in(key, s)``, ``s`` counted in
   the full stack also inside `flora_jax.fused_train_step`'s layers.
   """
