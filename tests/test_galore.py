@@ -11,7 +11,6 @@ import flora_jax
 from flora_jax import projections
 from flora_jax._src import keys as keys_impl
 from flora_jax._src import projectors as projectors_impl
-from flora_jax._src import refresh as refresh_impl
 
 SMALL = dict(min_dim=8)  # let the small test matrices be projected
 RULE = flora_jax.ProjectionRule(4, **SMALL)
@@ -126,7 +125,7 @@ def test_randomized_projector_takes_the_slices_keys_or_their_base_key():
   g = jax.random.normal(jax.random.key(8), (3, 40, 24))
   plan = _plan(g.shape, 'right', 4)
   key = jax.random.key(9)
-  per_slice = refresh_impl.slice_keys(key, plan.batch_shape)
+  per_slice = keys_impl.slice_keys(key, plan.batch_shape)
   np.testing.assert_array_equal(randomized_projector(key, g, plan),
                                 randomized_projector(per_slice, g, plan))
   # A legacy raw key and an int seed are the typed key they stand for.

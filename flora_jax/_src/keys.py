@@ -160,6 +160,15 @@ def per_slice(
   return draws.reshape(batch_shape + draws.shape[1:])
 
 
+def slice_keys(key: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
+  """The key of each stacked slice, shape ``batch_shape``: ``fold_in(key, s)``.
+
+  Those `per_slice` draws from (``s`` counted in the full stack also inside
+  `drawing_layer`); ``key`` itself without a batch shape.
+  """
+  return per_slice(lambda k: k, key, batch_shape)
+
+
 def slice_numbers(batch_shape: tuple[int, ...]) -> jax.Array:
   """The numbers ``s`` that `per_slice` folds into a stacked leaf's key.
 

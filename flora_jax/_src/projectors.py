@@ -634,14 +634,10 @@ def randomized_projector(
         f' per stacked slice, shape {plan.batch_shape}; got shape'
         f' {key.shape}.')
 
-  def draw(key):
-    return keys.hashed_normal(key, (cols, width))
-
-  if key.shape:
-    omega = jax.vmap(draw)(key.reshape(-1)).reshape(
-        plan.batch_shape + (cols, width))
-  else:
-    omega = keys.per_slice(draw, key, plan.batch_shape)
+  if not key.shape:
+    key = keys.slice_keys(key, plan.batch_shape)
+  omega = jax.vmap(lambda k: keys.hashed_normal(k, (cols, width)))(
+      key.reshape(-1)).reshape(plan.batch_shape + (cols, width))
 
   def transpose(x):
     return jnp.swapaxes(x, -1, -2)

@@ -26,7 +26,6 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from flora_jax._src import compat
-from flora_jax._src import keys as keys_lib
 from flora_jax._src.projection import LeafPlan
 
 RefreshSchedule = Literal['synchronous', 'staggered']
@@ -110,16 +109,6 @@ def usable(g: jax.Array, q: jax.Array) -> jax.Array:
           & jnp.all(jnp.isfinite(q), axis=matrix))
 
 
-def slice_keys(key: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
-  """The key each stacked slice's fit draws from, shape ``batch_shape``.
-
-  Those of the batched fit (`flora_jax.projections.randomized_projector`):
-  slice ``s`` of a stack draws from ``fold_in(key, s)``, ``s`` counted in
-  the full stack also inside `flora_jax.fused_train_step`'s layers.
-  """
-  return keys_lib.per_slice(lambda k: k, key, batch_shape)
-
-
 def fit_where(
     fit_one: FitOne, g: jax.Array, q_old: jax.Array, take: jax.Array,
     keys: jax.Array,
@@ -136,7 +125,7 @@ def fit_where(
     g: the gradient, ``(..., m, n)``.
     q_old: the stored projectors, ``(..., dim, r)``.
     take: bool, the leaf's batch shape: which slices to refit.
-    keys: the slices' keys (`slice_keys`), the leaf's batch shape.
+    keys: the slices' keys (`keys.slice_keys`), the leaf's batch shape.
 
   Returns:
     The projectors, ``q_old``'s shape: new where ``take``, else ``q_old``.
@@ -209,7 +198,7 @@ def spread_fit(
   Args:
     fit_one: ``(matrix, key) -> projector`` of one matrix.
     matrices: gradients ``(..., m, n)`` sharing ``(m, n)``.
-    keys: per matrix, its slices' keys (`slice_keys`).
+    keys: per matrix, its slices' keys (`keys.slice_keys`).
     takes: per matrix, bool of its batch shape: which slices to refit.
     q_olds: per matrix, its stored projectors ``(..., dim, r)``.
     axes: the mesh axes to spread over (`mesh_axes`).

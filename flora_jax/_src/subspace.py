@@ -665,11 +665,7 @@ class _FittedProjectors:
 
     def fit(g, q_old):
       q_new = self.fit(plan, g, keys)
-      usable = jnp.all(jnp.isfinite(g), axis=(-2, -1)) & jnp.any(
-          g != 0, axis=(-2, -1)
-      )
-      usable &= jnp.all(jnp.isfinite(q_new), axis=(-2, -1))
-      take = usable & (scheduled | missing)
+      take = refresh.usable(g, q_new) & (scheduled | missing)
       return jnp.where(take[..., None, None], q_new, q_old)
 
     # One branch per leaf, not one for all: a single branch would need
