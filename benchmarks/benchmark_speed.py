@@ -1242,6 +1242,9 @@ def section_updates(args, cands, emit) -> dict[str, UpdateTimes]:
     emit('Period: kappa (Flora), T (GaLore, Fira) or the micro-steps per'
          ' update (MultiSteps rows: steady = accumulate-only micro-step,'
          ' refresh = the emitting step, amortized per micro-batch).\n')
+    if {'galore', 'fira'} <= t.steady.keys():
+      emit(f"Fira's steady step / GaLore's:"
+           f" {t.steady['fira'] / t.steady['galore']:.2f}x (target ≤ 1.2x).\n")
     emit(f'## 2. Flora against its floor, LLaMA-{size}\n')
     emit(floor_table(t, cands))
     emit(FLOOR_NOTE + '\n')

@@ -408,12 +408,20 @@ def _fira_hand(g, q, side, scale, formulation):
 
 @pytest.mark.parametrize('formulation', ['code', 'paper'])
 @pytest.mark.parametrize('name,side', [('wide', 'left'), ('tall', 'right')])
-def test_fira_phi_and_residual_match_hand_computation(formulation, name, side):
+@pytest.mark.parametrize('projector', ['svd', 'randomized', 'random'])
+def test_fira_phi_and_residual_match_hand_computation(formulation, name, side,
+                                                      projector):
+  """With fitted (orthonormal) projectors and with Gaussian ones, whose
+  ``QᵀQ`` the limiter's residual norm must not take for ``I``."""
   tx = flora_jax.scale_by_fira(STATEFUL_SIGN, RULE, scale=0.25,
-                               formulation=formulation)
+                               formulation=formulation, projector=projector)
   g = _grads(0)
   updates, state = jax.jit(tx.update)(g, tx.init(_params()))
-  q = state.projectors[name]
+  if projector == 'random':  # regenerated from the key, the first window's
+    q = projections.random_projectors(state.key, RULE.plan(_params()), 0)[name]
+    assert not np.allclose(q.T @ q, np.eye(q.shape[1]), atol=0.1)
+  else:
+    q = state.projectors[name]
   expected, s = _fira_hand(g[name], q, side, 0.25, formulation)
   np.testing.assert_allclose(updates[name], expected, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(state.residual_norms[name], np.linalg.norm(s),

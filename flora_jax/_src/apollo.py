@@ -73,9 +73,10 @@ class ApolloScaling:
     """The limiter's state for one leaf: +inf per stacked slice."""
     return fira.initial_limiter_norms(plan, self.growth_limit)
 
-  def update(self, side, g, q, low_rank, inner_update, scale, previous_norm):
+  def update(self, side, g, q, low_rank, inner_update, scale, previous_norm,
+             *, orthonormal=False):
     """One projected leaf's float32 update and its limiter norm."""
-    del q  # APOLLO never projects back up.
+    del q, orthonormal  # APOLLO never projects back up.
     axes = ((-2 if side == 'left' else -1,) if self.granularity == 'channel'
             else (-2, -1))
     ratio = _norm(inner_update, axes) / (_norm(low_rank, axes) + _RATIO_EPS)

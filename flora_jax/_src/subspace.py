@@ -250,8 +250,11 @@ class OutputRule(Protocol):
     ...
 
   def update(self, side, g, q, low_rank, inner_update, scale,
-             previous_norm) -> tuple[jax.Array, Any]:
-    """One projected leaf's float32 update (matrix view) and its state."""
+             previous_norm, *, orthonormal: bool) -> tuple[jax.Array, Any]:
+    """One projected leaf's float32 update (matrix view) and its state.
+
+    ``orthonormal``: whether ``QᵀQ = I``.
+    """
     ...
 
 
@@ -343,7 +346,8 @@ def in_subspace(
     inner_updates, inner_state = inner.update(
         low_rank, inner_state, _shapes_only(low_rank)
     )
-    output = functools.partial(_output, scale=scale, rule=output_rule)
+    output = functools.partial(_output, scale=scale, rule=output_rule,
+                               orthonormal=source.orthonormal)
     results = jax.tree.map(
         output, plans, matrices, current, low_rank, inner_updates,
         state.residual_norms,
@@ -539,7 +543,7 @@ def _project(plan: LeafPlan, g: jax.Array, q: Any) -> jax.Array:
 
 
 def _output(plan, g, q, low_rank, inner_update, previous_norm, *, scale,
-            rule):
+            rule, orthonormal):
   """One leaf's update and output-rule state (unchanged if unprojected)."""
   if not plan.projected:
     return inner_update, previous_norm
@@ -547,7 +551,8 @@ def _output(plan, g, q, low_rank, inner_update, previous_norm, *, scale,
     back = projectors.project_up(q, inner_update, plan.side)
     return (scale * back).astype(g.dtype), previous_norm
   out, norm = rule.update(
-      plan.side, g, q, low_rank, inner_update, scale, previous_norm
+      plan.side, g, q, low_rank, inner_update, scale, previous_norm,
+      orthonormal=orthonormal,
   )
   return out.astype(g.dtype), norm
 
@@ -592,6 +597,7 @@ class _FittedProjectors:
   staggered: bool = False
   distribute: bool = True
   stores_projectors = True
+  orthonormal = True  # the SVD's and QR's Q, fitted in float32
 
   def initial(self, plan: LeafPlan):
     if plan.projected:
@@ -778,6 +784,7 @@ class _RegeneratedProjectors:
   """'random': Flora's Gaussian projection, regenerated from the key."""
 
   stores_projectors = False
+  orthonormal = False
 
   def initial(self, plan: LeafPlan):
     del plan
