@@ -106,7 +106,7 @@ class FiraResidual:
       scale: α.
       previous_norm: the limiter's stored norm.
       orthonormal: whether ``QᵀQ = I`` (fitted projectors), which spares
-        the limiter two ``r x r`` products.
+        the limiter the Gram matrix ``QᵀQ`` and its product with ``R``.
     """
     rank_axis = -2 if side == 'left' else -1
     phi = jnp.linalg.norm(inner_update, axis=rank_axis, keepdims=True) / (
