@@ -48,6 +48,9 @@ RUNS = (
     ('flora r128', 'flora', 128, {}),
     ('flora r8 rademacher', 'flora-rademacher', 8, {}),
     ('flora r32 rademacher', 'flora-rademacher', 32, {}),
+    # Stored projectors, each slice re-drawn at its own step of the period.
+    ('flora r8 staggered', 'flora-staggered', 8, {}),
+    ('flora r32 staggered', 'flora-staggered', 32, {}),
     ('galore r32', 'galore', 32, {}),
     ('fira r32', 'fira', 32, {}),
     # APOLLO (flora_jax.apollo): Adam's per-channel scaling from a rank-32

@@ -25,7 +25,11 @@ noise hits all of them alike), after compilation. The tables:
    precomputed and passed in (`flora_jax.projections.project_down` /
    ``project_up``; the leaves and sides from
    ``flora_jax.ProjectionRule(rank).plan(params)``), and the full momentum
-   of the leaves that are not projected. Likewise for
+   of the leaves that are not projected. Flora with ``store_projectors``
+   (rows "stored projectors") has the same floor; with
+   ``refresh_schedule='staggered'`` too, its resample row is the step that
+   re-draws the most projector values, its steady row one that re-draws
+   none (`staggered_counts`). Likewise for
    ``scale_by_flora_momentum`` + SGD, ``flora_compress`` + Adam (Adam, and
    ``up(down(g))``) and ``FloraMultiSteps`` (accumulate: ``acc + down(g)``
    and the zero updates; emit: AdamW, and ``up(acc + down(g)) / k``). Then
@@ -97,11 +101,13 @@ OPENBLAS_PRESET = os.environ.get('OPENBLAS_NUM_THREADS')
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import functools
 import importlib
 import importlib.metadata
+import math
 import pathlib
 import platform
 import statistics
@@ -238,6 +244,9 @@ class Candidate:
     fitted: its refresh fits projectors (an SVD or range finder): timed in
       the slow group, with fewer rounds.
     floor: `Inputs` -> its `FloorParts`, or None.
+    staggered: its resamples are spread over the period by hashed phases
+      (Flora's ``refresh_schedule='staggered'``): steady is a step at which
+      no slice re-draws, refresh the step that re-draws the most.
   """
 
   key: str
@@ -247,6 +256,7 @@ class Candidate:
   accumulates: bool = False
   fitted: bool = False
   floor: Callable[[Inputs], FloorParts] | None = None
+  staggered: bool = False
 
 
 def candidates(flora_opt_module=None) -> list[Candidate]:
@@ -260,6 +270,15 @@ def candidates(flora_opt_module=None) -> list[Candidate]:
       Candidate('flora', f'flora_jax.flora (kappa {KAPPA})',
                 lambda r: flora_jax.flora(LR, r, KAPPA), KAPPA,
                 floor=flora_floor),
+      Candidate('flora_stored', 'flora_jax.flora, stored projectors',
+                lambda r: flora_jax.flora(LR, r, KAPPA,
+                                          store_projectors=True),
+                KAPPA, floor=flora_floor),
+      Candidate('flora_staggered',
+                'flora_jax.flora, stored projectors, staggered',
+                lambda r: flora_jax.flora(LR, r, KAPPA, store_projectors=True,
+                                          refresh_schedule='staggered'),
+                KAPPA, floor=flora_floor, staggered=True),
       Candidate('flora_momentum', 'scale_by_flora_momentum + sgd',
                 lambda r: optax.chain(
                     flora_jax.scale_by_flora_momentum(0.9, rule=r,
@@ -555,7 +574,22 @@ class UpdateTimes:
             + (self.refresh[c.key] - self.steady[c.key]) / c.period)
 
 
-def phase_states(c: Candidate, update, state, grads, params):
+def staggered_counts(plans, period: int) -> tuple[int, int]:
+  """Flora's staggered schedule: a count re-drawing nothing, and the count
+  re-drawing the most projector values (`flora_jax` hashes the phases)."""
+  drawn = collections.Counter()
+  for plan in jax.tree.leaves(plans):
+    if plan.projected:
+      phases = projections.resample_phases(plan.path, plan.batch_shape,
+                                           period)
+      for phase in np.asarray(phases).reshape(-1).tolist():
+        drawn[phase] += math.prod(plan.projector_shape[-2:])
+  quiet = next(p for p in range(1, period) if p not in drawn)
+  busiest = max(drawn, key=drawn.__getitem__)
+  return period + quiet, period + busiest
+
+
+def phase_states(c: Candidate, update, state, grads, params, plans):
   """The steady state and the refresh (or emitting) state, counters fixed."""
   if c.accumulates:
     steady = with_count(state, 1)  # mini_step 0: accumulate only
@@ -564,6 +598,9 @@ def phase_states(c: Candidate, update, state, grads, params):
     return steady, emit
   # One update from init: GaLore's projectors fitted, momenta non-zero.
   _, state = update(grads, state, params)
+  if c.staggered:
+    quiet, busiest = staggered_counts(plans, c.period)
+    return with_count(state, quiet), with_count(state, busiest)
   steady = with_count(state, 1)
   return steady, with_count(state, c.period) if c.period else None
 
@@ -578,7 +615,8 @@ def measure_updates(size: str, cands: Sequence[Candidate], rank: int,
     tx = c.make(rank)
     state = tx.init(params)
     update, compile_s[c.key] = timed_compile(tx.update, grads, state, params)
-    steady, refresh = phase_states(c, update, state, grads, params)
+    steady, refresh = phase_states(c, update, state, grads, params,
+                                   x.plans)
     fast[c.key, 'steady', 0] = functools.partial(update, grads, steady,
                                                  params)
     if c.accumulates and c.floor:

@@ -26,6 +26,7 @@ from flora_jax._src.fira import LimitNormGrowthState
 from flora_jax._src.flora import flora_compress
 from flora_jax._src.flora import FloraCompressState
 from flora_jax._src.flora import FloraMomentumState
+from flora_jax._src.flora import FloraStoredMomentumState
 from flora_jax._src.flora import scale_by_flora_momentum
 from flora_jax._src.fused import fused_train_step
 from flora_jax._src.lora_plus import lora_plus
@@ -47,13 +48,14 @@ from flora_jax._src.subspace import GaLoreState
 from flora_jax._src.subspace import scale_by_fira
 from flora_jax._src.subspace import scale_by_galore
 
-__version__ = '0.8.1'
+__version__ = '0.9.0'
 
 __all__ = (
     'DimensionNumbers',
     'FiraResidual',
     'FloraCompressState',
     'FloraMomentumState',
+    'FloraStoredMomentumState',
     'FloraMultiSteps',
     'FloraMultiStepsState',
     'GaLoreState',

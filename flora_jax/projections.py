@@ -10,14 +10,17 @@ projector ``Q`` of shape ``(..., dim, r)`` and the two maps
 
 Gaussian projectors are regenerated from a key (`random_projector`, keyed
 by `projection_key`, one draw per stacked slice by `normal_per_slice`;
-`random_projectors` draws a whole tree's in one batch per shape), never
-stored; fitted ones come from the gradient's
+`random_projectors` draws a whole tree's in one batch per shape), not
+stored unless a transform is asked to (Flora's ``store_projectors``, whose
+staggered schedule re-draws each slice at its `resample_phases`); fitted
+ones come from the gradient's
 SVD (`svd_projector`) or a randomized range finder
 (`randomized_projector`).
 """
 
 from flora_jax._src.keys import normal_per_slice
 from flora_jax._src.keys import projection_key
+from flora_jax._src.keys import resample_phases
 from flora_jax._src.projection import LeafPlan
 from flora_jax._src.projectors import canonicalize_signs
 from flora_jax._src.projectors import change_basis
@@ -42,6 +45,7 @@ __all__ = (
     'random_projector',
     'random_projectors',
     'randomized_projector',
+    'resample_phases',
     'sample_projector',
     'svd_projector',
 )

@@ -573,6 +573,9 @@ def test_the_update_draws_once_per_projector_shape_not_per_leaf():
     return str(jaxpr).count('random_bits')
 
   for make in (lambda: flora_jax.flora(1e-3, rank=4, kappa=2, min_dim=8),
+               lambda: flora_jax.flora(1e-3, rank=4, kappa=2, min_dim=8,
+                                       store_projectors=True,
+                                       refresh_schedule="staggered"),
                lambda: flora_jax.flora_compress(_small(4)),
                lambda: flora_jax.FloraMultiSteps(
                    optax.adam(1e-3), 2, _small(4)).gradient_transformation()):
@@ -606,3 +609,154 @@ def test_a_state_keeps_the_sketch_it_was_compressed_with():
     rademacher.update(_grads(0), gaussian.init(params), params)
   updates, _ = rademacher.update(_grads(0), rademacher.init(params), params)
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+# ----------------------------------------------------- stored projectors
+
+
+def _run_momentum(tx, steps, params=None):
+  """Outputs of ``steps`` updates, and the states from init on."""
+  def grads(t):
+    if params is None:
+      return _grads(t)
+    return jax.tree.map(
+        lambda p: jax.random.normal(jax.random.key(t), p.shape), params)
+
+  state = tx.init(_params() if params is None else params)
+  update = jax.jit(tx.update)
+  outs, states = [], [state]
+  for t in range(steps):
+    out, state = update(grads(t), state)
+    outs.append(out)
+    states.append(state)
+  return outs, states
+
+
+@pytest.mark.parametrize(('transfer', 'nesterov'), [
+    ('least_squares', False), ('paper', True), ('reset', False)])
+def test_stored_projectors_give_the_regenerated_updates_bit_for_bit(
+    transfer, nesterov):
+  kw = dict(rule=_small(4), kappa=3, key=7, momentum_transfer=transfer,
+            nesterov=nesterov)
+  regenerated, _ = _run_momentum(
+      flora_jax.scale_by_flora_momentum(0.5, **kw), 8)
+  stored, states = _run_momentum(
+      flora_jax.scale_by_flora_momentum(0.5, store_projectors=True, **kw), 8)
+  for t, (a, b) in enumerate(zip(regenerated, stored, strict=True)):
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name], err_msg=f'{name} {t}')
+  # The state holds the window's projector, and only projected leaves have
+  # one.
+  plans = _small(4).plan(_params())
+  for t, state in enumerate(states):
+    assert isinstance(state, flora_jax.FloraStoredMomentumState)
+    assert isinstance(state.projectors['bias'], optax.MaskedNode)
+    window = max(t - 1, 0) // 3
+    for name in ('wide', 'tall', 'stacked'):
+      np.testing.assert_array_equal(
+          state.projectors[name],
+          projections.random_projector(state.key, plans[name], window))
+
+
+def _reference_staggered(b1, kappa, key, plan, grads, phase, slice_index,
+                         transfer):
+  """One slice of a staggered leaf, step by step: re-drawn at its phase."""
+  def draw(index):
+    q = projections.random_projector(key, plan, index)
+    return q if slice_index is None else q[slice_index]
+
+  q, c, outputs = draw(0), None, []
+  for t, u in enumerate(grads):
+    if c is None:
+      c = jnp.zeros(projections.project_down(q, u, plan.side).shape)
+    if t > 0 and (t - phase) % kappa == 0:
+      q_new = draw(t)  # staggered slices draw with the step count
+      c = _reference_transfer(transfer, q, q_new, c, plan.side)
+      q = q_new
+    c_new = b1 * c + (1 - b1) * projections.project_down(q, u, plan.side)
+    outputs.append(b1 * projections.project_up(q, c, plan.side)
+                   + (1 - b1) * u)
+    c = c_new
+  return outputs
+
+
+@pytest.mark.parametrize('transfer', ['least_squares', 'paper', 'reset'])
+def test_staggered_resamples_match_a_per_slice_reference(transfer):
+  b1, kappa, steps = 0.5, 3, 8
+  tx = flora_jax.scale_by_flora_momentum(
+      b1, rule=_small(4), kappa=kappa, key=3, momentum_transfer=transfer,
+      store_projectors=True, refresh_schedule='staggered')
+  outs, states = _run_momentum(tx, steps)
+  params = _params()
+  plans = _small(4).plan(params)
+  phases_seen = set()
+  for name in ('wide', 'tall', 'stacked'):
+    plan = plans[name]
+    phases = np.asarray(keys.resample_phases(plan.path, plan.batch_shape,
+                                             kappa)).reshape(-1)
+    phases_seen.update(phases.tolist())
+    for s, phase in enumerate(phases):
+      index = s if plan.batch_shape else None
+      pick = (lambda x, index=index: x if index is None else x[index])
+      expected = _reference_staggered(
+          b1, kappa, states[0].key, plan,
+          [pick(_grads(t)[name]) for t in range(steps)], int(phase), index,
+          transfer)
+      for t in range(steps):
+        np.testing.assert_allclose(pick(outs[t][name]), expected[t],
+                                   rtol=1e-4, atol=1e-5,
+                                   err_msg=f'{name}[{s}] step {t}')
+  assert len(phases_seen) > 1  # the slices do resample at different steps
+
+
+def test_staggered_resamples_every_slice_once_per_kappa_and_spread():
+  kappa, layers = 16, 64
+  params = {'stack': jnp.zeros((layers, 16, 16)), 'w': jnp.zeros((16, 16))}
+  tx = flora_jax.scale_by_flora_momentum(
+      0.9, rule=_small(4), kappa=kappa, store_projectors=True,
+      refresh_schedule='staggered')
+  _, states = _run_momentum(tx, 2 * kappa + 1, params)
+  # (steps, slices): whether the update of that step re-drew that slice.
+  changed = np.stack([
+      np.concatenate([
+          np.any(np.asarray(after.projectors[n] != before.projectors[n]),
+                 axis=(-2, -1)).reshape(-1) for n in ('stack', 'w')])
+      for before, after in zip(states[:-1], states[1:], strict=True)])
+  # Each slice is re-drawn once in every window of kappa steps after the
+  # first, at the same offset, ...
+  np.testing.assert_array_equal(changed[1:kappa + 1].sum(0), 1)
+  np.testing.assert_array_equal(changed[1:kappa + 1],
+                                changed[kappa + 1:2 * kappa + 1])
+  assert not changed[0].any()  # (step 0 uses the projectors of init)
+  # ... and no step re-draws more than a small share of them (65 slices
+  # over 16 steps: about 4 a step).
+  assert changed.sum(1).max() <= (layers + 1) // 4, changed.sum(1)
+
+
+def test_stored_projector_states_are_refused_by_other_settings():
+  params = _params()
+  stored = flora_jax.flora(1e-3, rank=4, min_dim=8, store_projectors=True)
+  plain = flora_jax.flora(1e-3, rank=4, min_dim=8)
+  staggered = flora_jax.flora(1e-3, rank=4, min_dim=8, store_projectors=True,
+                              refresh_schedule='staggered')
+  with pytest.raises(ValueError, match='store_projectors=True in the state'):
+    plain.update(_grads(0), stored.init(params), params)
+  with pytest.raises(ValueError, match='refresh_schedule=staggered in the'):
+    stored.update(_grads(0), staggered.init(params), params)
+  with pytest.raises(ValueError, match='store_projectors'):
+    stored.update(_grads(0), plain.init(params), params)
+
+
+@pytest.mark.parametrize('make, error, match', [
+    (lambda: flora_jax.flora(1e-3, refresh_schedule='staggered'), ValueError,
+     'store_projectors=True'),
+    (lambda: flora_jax.flora(1e-3, store_projectors=True,
+                             refresh_schedule='random'), ValueError,
+     'refresh_schedule'),
+    (lambda: flora_jax.scale_by_flora_momentum(rule=4, store_projectors=1),
+     TypeError, 'store_projectors'),
+])
+def test_bad_storage_arguments_are_refused_at_construction(make, error,
+                                                           match):
+  with pytest.raises(error, match=match):
+    make()

@@ -50,6 +50,10 @@ OPTIMIZERS = {
     'adamw': lambda: optax.adamw(1e-2, weight_decay=0.1),
     'flora': lambda: flora_jax.flora(1e-2, rank=RANK, kappa=GAP, min_dim=16,
                                      min_dim_size_to_factor=16),
+    # Stored projectors, each stacked slice re-drawn at its own step.
+    'flora_staggered': lambda: flora_jax.flora(
+        1e-2, rank=RANK, kappa=GAP, min_dim=16, min_dim_size_to_factor=16,
+        store_projectors=True, refresh_schedule='staggered'),
     'galore': lambda: flora_jax.galore(1e-2, rank=RANK, update_proj_gap=GAP,
                                        min_dim=16),
     'fira': lambda: flora_jax.fira(1e-2, rank=RANK, update_proj_gap=GAP,

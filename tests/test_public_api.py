@@ -22,7 +22,8 @@ SUPPORTED = {
     'limit_norm_growth', 'scale_by_adam_hf',
     'stochastic_rounding', 'quantize_state',
     # their states
-    'FloraCompressState', 'FloraMomentumState', 'FloraMultiStepsState',
+    'FloraCompressState', 'FloraMomentumState', 'FloraStoredMomentumState',
+    'FloraMultiStepsState',
     'GaLoreState', 'LimitNormGrowthState', 'StochasticRoundingState',
     'QuantizedState',
     # options

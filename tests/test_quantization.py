@@ -233,6 +233,14 @@ def test_what_keeps_its_precision():
   assert inner.count.dtype == jnp.int32
   assert set(state.scales) == {"[0].inner_state.mu['w']",
                                 "[0].inner_state.nu['w']"}
+  # Flora's stored projectors too: its momentum is read back through them.
+  stored = flora_jax.quantize_state(
+      flora_jax.flora(1e-3, 8, min_dim=64, store_projectors=True),
+      min_size=512).init(params)
+  flora_state = stored.inner_state[1]
+  assert flora_state.momentum['w'].dtype == jnp.uint8  # (64, 8)
+  assert flora_state.projectors['w'].dtype == jnp.float32  # (256, 8)
+  assert not any('projectors' in path for path in stored.scales)
 
 
 def _decoded(state, block_size=BLOCK):

@@ -95,6 +95,10 @@ TRANSFORMS = {
         optax.adam(1e-2), 2, RULE).gradient_transformation(),
     'flora': lambda: flora_jax.flora(1e-2, rank=RANK, kappa=2,
                                      min_dim_size_to_factor=16, **PROJECTION),
+    # Stored projectors, each slice re-drawn at its own step.
+    'flora_staggered': lambda: flora_jax.flora(
+        1e-2, rank=RANK, kappa=2, min_dim_size_to_factor=16,
+        store_projectors=True, refresh_schedule='staggered', **PROJECTION),
     'galore': lambda: flora_jax.galore(1e-2, RANK, update_proj_gap=2,
                                        **PROJECTION),
     'fira': lambda: flora_jax.fira(1e-2, RANK, update_proj_gap=2, **PROJECTION),
@@ -482,7 +486,8 @@ def _abstract(tx, params, shardings):
       jax.eval_shape(tx.init, params), shardings)
 
 
-@pytest.mark.parametrize('name', ['flora', 'galore', 'adam_8bit'])
+@pytest.mark.parametrize('name', ['flora', 'flora_staggered', 'galore',
+                                  'adam_8bit'])
 def test_orbax_resume_is_bitwise_across_a_refresh(name, sharded, tmp_path):
   """Save after 1 step, restore (sharded, from an abstract state), continue
   across the resample/refresh at step 2: bitwise equal to no interruption.

@@ -28,8 +28,9 @@ from flora_jax_examples import byte_lm
 from flora_jax_examples import checkpoints
 from flora_jax_examples import datasets
 
-OPTIMIZERS = ('adamw', 'adafactor', 'flora', 'flora-rademacher', 'galore',
-              'galore-randomized', 'fira', 'apollo', 'apollo-mini')
+OPTIMIZERS = ('adamw', 'adafactor', 'flora', 'flora-rademacher',
+              'flora-staggered', 'galore', 'galore-randomized', 'fira',
+              'apollo', 'apollo-mini')
 CORPORA = ('shakespeare', 'stdlib')
 
 
@@ -37,6 +38,8 @@ def make_optimizer(name: str, lr: float, rank: int, period: int,
                    min_dim: int) -> optax.GradientTransformation:
   """The optimizer ``name``; the low-rank ones project the block matrices.
 
+  ``'flora-staggered'``: Flora with stored projectors, each re-drawn at
+  its own step (``store_projectors=True, refresh_schedule='staggered'``).
   ``'apollo'`` and ``'apollo-mini'`` (`flora_jax.apollo`,
   `flora_jax.apollo_mini`) keep their paper defaults but the rank, which is
   ``rank`` for both (APOLLO-Mini's paper rank is 1: pass it), and T =
@@ -51,6 +54,10 @@ def make_optimizer(name: str, lr: float, rank: int, period: int,
   if name in ('flora', 'flora-rademacher'):
     sketch = 'rademacher' if name == 'flora-rademacher' else 'gaussian'
     return flora_jax.flora(lr, rank=rank, kappa=period, sketch=sketch,
+                           min_dim_size_to_factor=min_dim, **low_rank)
+  if name == 'flora-staggered':
+    return flora_jax.flora(lr, rank=rank, kappa=period, store_projectors=True,
+                           refresh_schedule='staggered',
                            min_dim_size_to_factor=min_dim, **low_rank)
   if name in ('galore', 'galore-randomized'):
     projector = 'randomized' if name == 'galore-randomized' else 'svd'

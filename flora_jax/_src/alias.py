@@ -55,6 +55,8 @@ def flora(
     momentum_dtype: jax.typing.DTypeLike | None = None,
     momentum_transfer: flora_lib.MomentumTransfer = 'least_squares',
     sketch: projectors.Sketch = 'gaussian',
+    store_projectors: bool = False,
+    refresh_schedule: subspace.RefreshSchedule = 'synchronous',
     side: Side = 'auto',
     min_dim: int = 128,
     max_aspect_ratio: float | None = 4.0,
@@ -110,6 +112,12 @@ def flora(
       see `scale_by_flora_momentum`.
     sketch: the projections' entries, ``'gaussian'`` (the paper's) or
       ``'rademacher'`` (cheaper to draw), see `flora_compress`.
+    store_projectors: keep each window's projectors in the state (``dim *
+      r`` more numbers per matrix) instead of regenerating them at every
+      step, see `scale_by_flora_momentum`.
+    refresh_schedule: ``'synchronous'`` or ``'staggered'`` resamples
+      (the latter needs ``store_projectors``), see
+      `scale_by_flora_momentum`.
     side: which axis is compressed, see `flora_jax.ProjectionRule`.
     min_dim: see `flora_jax.ProjectionRule`.
     max_aspect_ratio: see `flora_jax.ProjectionRule`.
@@ -152,7 +160,8 @@ def flora(
         flora_lib.scale_by_flora_momentum(
             b1, rule=rule, kappa=kappa, key=key, nesterov=nesterov,
             momentum_dtype=momentum_dtype, momentum_transfer=momentum_transfer,
-            sketch=sketch,
+            sketch=sketch, store_projectors=store_projectors,
+            refresh_schedule=refresh_schedule,
         )
     )
   if clipping_threshold is not None:

@@ -82,6 +82,15 @@ def explicit_spec(x: jax.Array) -> tuple[Any, ...]:
   return spec + (None,) * (x.ndim - len(spec))
 
 
+def laid_out_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` in the dtype, and the Explicit sharding, of ``like``."""
+  x = x.astype(like.dtype)
+  spec = explicit_spec(like)
+  if all(axis is None for axis in spec):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
+
+
 def several_cpu_devices() -> bool:
   """Whether this process simulates a mesh on CPU devices."""
   return len(jax.devices('cpu')) > 1

@@ -17,6 +17,7 @@ optimizer alias `flora` is in `alias.py`, compressed gradient accumulation
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, NamedTuple
 
@@ -29,6 +30,7 @@ from flora_jax._src import deprecation
 from flora_jax._src import keys
 from flora_jax._src import projection
 from flora_jax._src import projectors
+from flora_jax._src import refresh
 from flora_jax._src import settings
 from flora_jax._src import tree_util
 from flora_jax._src import validation
@@ -60,6 +62,18 @@ class FloraMomentumState(NamedTuple):
   # {'kappa=... momentum_transfer=... plans=...': int8[]}, as in
   # `FloraCompressState`.
   settings: dict[str, jax.Array]
+
+
+class FloraStoredMomentumState(NamedTuple):
+  """State of `scale_by_flora_momentum` with ``store_projectors=True``."""
+
+  count: jax.Array  # int32[]: number of updates so far.
+  key: jax.Array  # key[]: base key of every projection.
+  momentum: optax.Updates  # as in `FloraMomentumState`.
+  # Per projected leaf: the projector of its current window, float32
+  # (..., dim, r); optax.MaskedNode() for the other leaves.
+  projectors: optax.Params
+  settings: dict[str, jax.Array]  # as in `FloraMomentumState`.
 
 
 @deprecation.flat_projection_arguments
@@ -167,6 +181,8 @@ def scale_by_flora_momentum(
     momentum_dtype: jax.typing.DTypeLike | None = None,
     momentum_transfer: MomentumTransfer = 'least_squares',
     sketch: projectors.Sketch = 'gaussian',
+    store_projectors: bool = False,
+    refresh_schedule: refresh.RefreshSchedule = 'synchronous',
 ) -> optax.GradientTransformation:
   r"""Exponential moving average of the updates, stored in compressed form.
 
@@ -209,6 +225,23 @@ def scale_by_flora_momentum(
   With ``nesterov=True`` the output is the published JAX code's
   ``β1 up(C_t) + (1 - β1) u_t`` instead.
 
+  By default every step regenerates its projectors from the key, as the
+  paper does, and stores none. ``store_projectors=True`` keeps each
+  window's projectors in the state instead, ``dim * r`` more numbers per
+  projected matrix (as many again as a square matrix's momentum; the state
+  stays ``O(r (m + n))``), so that a step draws nothing until the next
+  resample: that draw is most of what a steady step costs beyond its
+  two products (docs: "Speed"). The values are those of the default,
+  bit for bit. ``refresh_schedule='staggered'`` (which needs stored
+  projectors) also spreads the resamples: each stacked slice of each
+  projected leaf gets a phase in ``[0, kappa)``, hashed from its path and
+  slice number, and is re-drawn when ``count > 0`` and
+  ``(count - phase) % kappa == 0``: every ``kappa`` steps as before, but
+  a step re-draws about ``1/kappa`` of the slices instead of all of them.
+  A slice's first window is then shorter than ``kappa``, and its
+  projectors are drawn from the key with the step count instead of the
+  window number.
+
   Leaves that are not projected keep a full momentum with the same formulas
   (``up``/``down`` the identity), i.e. ``m_t = β1 m_{t-1} + (1 - β1) u_t`` is
   the output (or ``β1 m_t + (1 - β1) u_t`` with ``nesterov``). No bias
@@ -228,9 +261,15 @@ def scale_by_flora_momentum(
       ``'least_squares'``, ``'paper'`` or ``'reset'`` (see above).
     sketch: the entries of the projections, ``'gaussian'`` or
       ``'rademacher'``, see `flora_compress`.
+    store_projectors: keep each window's projectors in the state instead of
+      regenerating them at every step (see above).
+    refresh_schedule: ``'synchronous'`` (every projector re-drawn at the
+      same step, as published) or ``'staggered'`` (spread over the
+      ``kappa`` steps; needs ``store_projectors=True``).
 
   Returns:
-    An `optax.GradientTransformation` whose state is `FloraMomentumState`.
+    An `optax.GradientTransformation` whose state is `FloraMomentumState`,
+    or `FloraStoredMomentumState` with ``store_projectors=True``.
 
   Example:
     >>> import optax, flora_jax
@@ -254,8 +293,11 @@ def scale_by_flora_momentum(
   validation.check_choice(
       'momentum_transfer', momentum_transfer, MomentumTransfer
   )
+  staggered = _check_storage(store_projectors, refresh_schedule)
   recorded = dict(kappa=kappa, momentum_transfer=momentum_transfer,
                   **projectors.sketch_setting(sketch))
+  if store_projectors:
+    recorded.update(store_projectors=True, refresh_schedule=refresh_schedule)
 
   announce = projection.plan_announcer('flora_jax.scale_by_flora_momentum')
 
@@ -273,12 +315,18 @@ def scale_by_flora_momentum(
       )
       return jnp.zeros(plan.low_rank_shape, momentum_dtype)
 
-    return FloraMomentumState(
-        count=jnp.zeros([], jnp.int32),
-        key=keys.as_prng_key(key),
-        momentum=jax.tree.map(zeros, plans, params),
-        settings=settings.record(
-            plans, **recorded, **keys.stacked_draws_setting(plans)),
+    count = jnp.zeros([], jnp.int32)
+    base_key = keys.as_prng_key(key)
+    momentum = jax.tree.map(zeros, plans, params)
+    record = settings.record(plans, **recorded,
+                             **keys.stacked_draws_setting(plans))
+    if not store_projectors:
+      return FloraMomentumState(count, base_key, momentum, record)
+    return FloraStoredMomentumState(
+        count, base_key, momentum,
+        projectors=_masked_elsewhere(plans, projectors.random_projectors(
+            base_key, plans, 0, sketch)),
+        settings=record,
     )
 
   def update_fn(updates, state, params=None):
@@ -289,34 +337,200 @@ def scale_by_flora_momentum(
         plan, c, 'a momentum'), plans, state.momentum)
     settings.check(state.settings, plans, **recorded,
                    **keys.stacked_draws_setting(plans))
-    index = state.count // kappa
-    resampled = (state.count > 0) & (state.count % kappa == 0)
-    current_keys, previous_keys = projectors.stack_keys(
-        state.key, plans, [index, index - 1])
-    stacks = projectors.draw_from_keys(current_keys, sketch)
-    drawn = projectors.unstack(plans, stacks)
-    transitions = _transitions(plans, previous_keys, stacks, resampled,
-                               momentum_transfer, sketch)
+    if store_projectors:
+      _check_stored(state, plans)
+      current, momentum, move = _resample_stored(
+          plans, state, kappa, staggered, momentum_transfer, sketch)
+    else:
+      current, momentum, move = _resample_regenerated(
+          plans, state, kappa, momentum_transfer, sketch)
 
-    def update_leaf(plan, u, c, q, transition):
+    def update_leaf(plan, u, c, q, move):
       out, c_new = _momentum_step(
-          plan, plan.to_matrix(u.astype(jnp.float32)), c, q, transition,
-          b1, nesterov, resampled,
-      )
+          plan, plan.to_matrix(u.astype(jnp.float32)), c, q, b1, nesterov,
+          move)
       return (plan.from_matrix(out, u).astype(u.dtype),
               c_new.astype(momentum_dtype))
 
-    results = jax.tree.map(update_leaf, plans, updates, state.momentum,
-                           drawn, transitions)
+    results = jax.tree.map(update_leaf, plans, updates, momentum, current,
+                           move)
     new_updates, new_momentum = tree_util.unzip_leaves(plans, results, 2)
-    return new_updates, FloraMomentumState(
-        count=compat.safe_increment(state.count),
-        key=state.key,
-        momentum=new_momentum,
-        settings=state.settings,
-    )
+    count = compat.safe_increment(state.count)
+    if store_projectors:
+      return new_updates, state._replace(
+          count=count, momentum=new_momentum,
+          projectors=_masked_elsewhere(plans, current))
+    return new_updates, state._replace(count=count, momentum=new_momentum)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_storage(store_projectors, refresh_schedule) -> bool:
+  """Whether resamples are staggered; raises on what cannot be."""
+  validation.check_bool('store_projectors', store_projectors)
+  validation.check_choice('refresh_schedule', refresh_schedule,
+                          refresh.RefreshSchedule)
+  if refresh_schedule != 'staggered':
+    return False
+  if not store_projectors:
+    raise ValueError(
+        "refresh_schedule='staggered' needs store_projectors=True: a slice"
+        ' re-drawn at its own step must keep its projector until its next'
+        ' one (regenerated projectors are all re-drawn at the same steps).'
+    )
+  return True
+
+
+def _masked_elsewhere(plans, tree):
+  """``tree``'s projected leaves, `optax.MaskedNode` for the others."""
+  return jax.tree.map(
+      lambda plan, x: x if plan.projected else optax.MaskedNode(),
+      plans, tree, is_leaf=lambda x: x is None)
+
+
+def _check_stored(state, plans) -> None:
+  """Raises if the stored projectors are not shaped as ``plans`` need."""
+  def check(plan, q):
+    if plan.projected and q.shape != plan.projector_shape:
+      raise ValueError(
+          f'The stored projector of leaf {plan.path} has shape {q.shape};'
+          f' expected {plan.projector_shape}. The state was made for other'
+          ' parameters.'
+      )
+  jax.tree.map(check, plans, state.projectors)
+
+
+def _resample_regenerated(plans, state, kappa, transfer, sketch):
+  """This step's projectors, drawn afresh, and each leaf's momentum move.
+
+  Returns ``(projectors, momentum, moves)``: the momentum as stored, and per
+  leaf a function moving it into the new subspace when this step resamples.
+  """
+  index = state.count // kappa
+  resampled = (state.count > 0) & (state.count % kappa == 0)
+  current_keys, previous_keys = projectors.stack_keys(
+      state.key, plans, [index, index - 1])
+  stacks = projectors.draw_from_keys(current_keys, sketch)
+  transitions = _transitions(plans, previous_keys, stacks, resampled,
+                             transfer, sketch)
+
+  def move(plan, transition):
+    if not plan.projected:
+      return None
+
+    def moved(c):
+      if transition is None:  # momentum_transfer='reset'
+        return jnp.zeros_like(c)
+      return projectors.apply_basis_change(transition, c, plan.side)
+
+    return lambda c: compat.cond(resampled, moved, lambda c: c, c)
+
+  moves = jax.tree.map(move, plans, transitions,
+                       is_leaf=lambda x: x is None)
+  return projectors.unstack(plans, stacks), state.momentum, moves
+
+
+def _resample_stored(plans, state, kappa, staggered, transfer, sketch):
+  """The stored projectors, re-drawn where due, and the momentum moved.
+
+  Only at steps that re-draw something: the draws in one branch for all
+  leaves (one generator per projector shape), each leaf's move in a branch
+  of its own (so that its result reads that leaf alone, as
+  `flora_jax.fused_train_step` needs); under the staggered schedule only
+  the due slices. Returns ``(projectors, momentum, moves)`` as
+  `_resample_regenerated` does, the moves already made (None).
+  """
+  due = _due_slices(plans, state.count, kappa, staggered)
+  any_due = jnp.any(jnp.stack([jnp.any(d) for d in jax.tree.leaves(due)]
+                              or [jnp.zeros([], bool)]))
+  # Staggered slices re-draw at any step: the count keeps their draws
+  # apart; synchronous ones use the window number, as regenerated ones.
+  index = state.count if staggered else state.count // kappa
+  row_keys = projectors.stack_keys(state.key, plans, [index])[0]
+
+  def draw(row_keys):
+    if staggered:
+      return _draw_where(row_keys, projectors.stack(plans, due), sketch)
+    return projectors.draw_from_keys(row_keys, sketch)
+
+  def nothing(row_keys):
+    return {shape: jnp.zeros(rows.shape + shape, jnp.float32)
+            for shape, rows in row_keys.items()}
+
+  drawn = projectors.unstack(
+      plans, compat.cond(any_due, draw, nothing, row_keys))
+
+  def leaf(plan, q_old, q, c, take):
+    if not plan.projected:
+      return q_old, c
+    move = functools.partial(_move, side=plan.side, transfer=transfer)
+
+    def redrawn(q_old, q, c):
+      q = compat.laid_out_like(q, q_old)
+      if not (staggered and take.shape):  # every slice is due
+        return q, compat.each_matrix(move, q_old, q, c)
+      return (jnp.where(take[..., None, None], q, q_old),
+              _each_slice_where(take, move, q_old, q, c))
+
+    return compat.cond(jnp.any(take), redrawn, lambda q_old, q, c: (q_old, c),
+                       q_old, q, c)
+
+  results = jax.tree.map(leaf, plans, state.projectors, drawn,
+                         state.momentum, due)
+  current, momentum = tree_util.unzip_leaves(plans, results, 2)
+  return current, momentum, jax.tree.map(lambda _: None, plans)
+
+
+def _due_slices(plans, count, kappa, staggered: bool):
+  """Per projected leaf: which slices re-draw at ``count`` (bool)."""
+  def due(plan):
+    if not plan.projected:
+      return optax.MaskedNode()
+    if not staggered:  # one flag for the leaf
+      return (count > 0) & (count % kappa == 0)
+    phases = keys.resample_phases(plan.path, plan.batch_shape, kappa)
+    return (count > 0) & ((count - phases) % kappa == 0)
+
+  return jax.tree.map(due, plans)
+
+
+def _move(q_old, q, c, *, side, transfer: MomentumTransfer):
+  """One momentum matrix into the subspace of ``q``, see the transfers."""
+  if transfer == 'reset':
+    return jnp.zeros_like(c)
+  change = projectors.basis_change_matrix(
+      q_old, q, least_squares=transfer == 'least_squares')
+  return projectors.apply_basis_change(
+      change, c.astype(jnp.float32), side).astype(c.dtype)
+
+
+def _draw_where(rows, due_rows, sketch):
+  """``{(dim, r): keys}`` -> projectors where due, zeros elsewhere."""
+  def draw(shape, keys_and_due):
+    key, take = keys_and_due
+    return compat.cond(
+        take, lambda: projectors.sample_projector(key, shape, sketch),
+        lambda: jnp.zeros(shape, jnp.float32))
+
+  return {shape: jax.lax.map(lambda x, shape=shape: draw(shape, x),
+                             (rows[shape], due_rows[shape]))
+          for shape in rows}
+
+
+def _each_slice_where(take, fn, *arrays):
+  """``fn`` on each stacked slice where ``take``; ``arrays[-1]`` elsewhere.
+
+  One branch per slice (`jax.lax.map` of `jax.lax.cond`), so a step that
+  moves one slice of an ``(L, ...)`` stack computes one.
+  """
+  def keep(*slices):
+    return slices[-1]
+
+  batch = take.shape
+  flat = [x.reshape((-1,) + x.shape[len(batch):]) for x in arrays]
+  out = jax.lax.map(lambda xs: compat.cond(xs[0], fn, keep, *xs[1:]),
+                    (take.reshape(-1), *flat))
+  return out.reshape(arrays[-1].shape)
 
 
 def _transitions(
@@ -354,15 +568,14 @@ def _momentum_step(
     u: jax.Array,
     c: jax.Array,
     q: jax.Array | None,
-    transition: jax.Array | None,
     b1: float,
     nesterov: bool,
-    resampled: jax.Array,
+    move=None,
 ) -> tuple[jax.Array, jax.Array]:
   """One leaf's (output, new momentum), in float32; see the formulas above.
 
-  ``transition`` moves the momentum into the subspace of ``q`` at a
-  resample (None: start again from zero).
+  ``move``, if given, takes the momentum into the subspace of ``q`` first
+  (at a resample of regenerated projectors).
   """
   side = plan.side
   if side is None:  # not projected: a full momentum
@@ -376,13 +589,8 @@ def _momentum_step(
   # full-size temporaries (the up-projection, the output) then live only
   # while this leaf is updated, not from the start of the step.
   c = compat.after(c, u).astype(jnp.float32)
-
-  def moved(c, transition):
-    if transition is None:  # momentum_transfer='reset'
-      return jnp.zeros_like(c)
-    return projectors.apply_basis_change(transition, c, side)
-
-  c = compat.cond(resampled, moved, lambda c, _: c, c, transition)
+  if move is not None:
+    c = move(c)
   c_new = b1 * c + (1 - b1) * projectors.project_down(q, u, side)
   history = c_new if nesterov else c
   out = b1 * projectors.project_up(q, history, side) + (1 - b1) * u

@@ -18,7 +18,7 @@ import math
 import numbers
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +187,35 @@ def slice_numbers(batch_shape: tuple[int, ...]) -> jax.Array:
   return first + jnp.arange(math.prod(batch_shape), dtype=jnp.int32)
 
 
+def resample_phases(path: str, batch_shape: tuple[int, ...],
+                    period: Any) -> jax.Array:
+  """Each stacked slice's phase in ``[0, period)``, hashed.
+
+  From the leaf's path and the slice's number (`slice_numbers`, so a layer
+  drawn on its own inside `drawing_layer` gets its phases in the whole
+  stack), nothing else: every part of a tree, and every process, agrees on
+  them without storing them. Shape ``batch_shape``, int32.
+
+  Example:
+    >>> from flora_jax import projections
+    >>> phases = projections.resample_phases("['w']", (4,), 1000)
+    >>> phases.shape, bool(((0 <= phases) & (phases < 1000)).all())
+    ((4,), True)
+  """
+  layer = _LAYER.get() if batch_shape else None
+  if layer is None and isinstance(period, (int, np.integer)):
+    # Constants of the compiled program: no hashing in it.
+    slices = np.arange(math.prod(batch_shape), dtype=np.uint32)
+    h = _mix(np.uint32(path_id(path)) ^ _mix(slices + np.uint32(0x9E3779B9)))
+    return jnp.asarray((h % np.uint32(period)).astype(np.int32).reshape(
+        batch_shape))
+  slices = (slice_numbers(batch_shape).astype(jnp.uint32) if batch_shape
+            else jnp.zeros([1], jnp.uint32))
+  h = _mix(np.uint32(path_id(path)) ^ _mix(slices + np.uint32(0x9E3779B9)))
+  phases = h % jnp.asarray(period).astype(jnp.uint32)
+  return phases.astype(jnp.int32).reshape(batch_shape)
+
+
 # ------------------------------------------------ hashed random numbers
 #
 # Elementwise functions of (an element's index, a key's words): no counter
@@ -194,7 +223,11 @@ def slice_numbers(batch_shape: tuple[int, ...]) -> jax.Array:
 # a threefry draw compiles 20 rounds into each fusion that uses it.
 
 
-def _mix(h: jax.Array) -> jax.Array:
+# _mix hashes traced arrays and, for constants of the program, numpy ones.
+_Bits = TypeVar('_Bits', jax.Array, np.ndarray)
+
+
+def _mix(h: _Bits) -> _Bits:
   """A bijective mix of 32 bits (MurmurHash3's finalizer)."""
   h = h ^ (h >> 16)
   h = h * np.uint32(0x85EBCA6B)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flora_jax._src import flora
 from flora_jax._src import subspace
 from flora_jax._src import tree_util
 from flora_jax._src import validation
@@ -251,18 +252,23 @@ def dequantize(codes: jax.Array, scales: jax.Array,
 def _exact_leaves(state: Any) -> Any:
   """A tree like ``state``: True where a leaf must keep its precision.
 
-  GaLore's and Fira's projectors: the stored moments are coordinates in the
-  subspace they span, and a quantized basis would no longer be orthonormal.
+  Stored projectors (GaLore's, Fira's, Flora's with ``store_projectors``):
+  the stored moments are coordinates in the subspace they span, to be read
+  back with the same basis (and GaLore's must stay orthonormal).
   """
   def mark(node):
     if isinstance(node, subspace.GaLoreState):
       return jax.tree.map(lambda _: False, node)._replace(
           projectors=jax.tree.map(lambda _: True, node.projectors),
           inner_state=_exact_leaves(node.inner_state))
+    if isinstance(node, flora.FloraStoredMomentumState):
+      return jax.tree.map(lambda _: False, node)._replace(
+          projectors=jax.tree.map(lambda _: True, node.projectors))
     return False
 
-  is_galore = lambda x: isinstance(x, subspace.GaLoreState)  # noqa: E731
-  return jax.tree.map(mark, state, is_leaf=is_galore)
+  stores_projectors = (subspace.GaLoreState, flora.FloraStoredMomentumState)
+  return jax.tree.map(mark, state,
+                      is_leaf=lambda x: isinstance(x, stores_projectors))
 
 
 def _stacked_axes(state_leaves: list[tuple[Any, Any]], params: Any,
@@ -373,7 +379,8 @@ def quantize_state(
   the new state, so any optax transformation works inside: `optax.adam`,
   the compressed momentum of `flora_jax.flora`, the inner state of
   `flora_jax.galore` and `flora_jax.fira`. Counters, keys, small leaves
-  (norm scales, biases) and GaLore's projectors keep their own precision.
+  (norm scales, biases) and stored projectors (GaLore's, Flora's) keep
+  their own precision.
   The codes have their leaf's shape and path, so
   `flora_jax.state_shardings`, `flora_jax.memory_report`, orbax and
   `flora_jax.fused_train_step` treat them as the leaves they replace; a

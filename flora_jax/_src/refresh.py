@@ -137,21 +137,12 @@ def fit_where(
 
   def one(args):
     g, q, take, key = args
-    return compat.cond(take, lambda: _laid_out_like(fit_one(g, key), q),
+    return compat.cond(take, lambda: compat.laid_out_like(fit_one(g, key), q),
                        lambda: q)
 
   out = jax.lax.map(one, (flat(g), flat(q_old), take.reshape(-1),
                           keys.reshape(-1)))
   return out.reshape(q_old.shape)
-
-
-def _laid_out_like(x: jax.Array, like: jax.Array) -> jax.Array:
-  """``x`` in the dtype, and the Explicit sharding, of ``like``."""
-  x = x.astype(like.dtype)
-  spec = compat.explicit_spec(like)
-  if all(axis is None for axis in spec):
-    return x
-  return jax.sharding.reshard(x, P(*spec))
 
 
 def mesh_axes() -> tuple[str, ...]:
