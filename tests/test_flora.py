@@ -632,19 +632,23 @@ def _run_momentum(tx, steps, params=None):
   return outs, states
 
 
-@pytest.mark.parametrize(('transfer', 'nesterov'), [
-    ('least_squares', False), ('paper', True), ('reset', False)])
+@pytest.mark.parametrize(('transfer', 'nesterov', 'momentum_dtype'), [
+    ('least_squares', False, None), ('paper', True, None),
+    ('reset', False, None), ('least_squares', False, jnp.bfloat16)])
 def test_stored_projectors_give_the_regenerated_updates_bit_for_bit(
-    transfer, nesterov):
+    transfer, nesterov, momentum_dtype):
   kw = dict(rule=_small(4), kappa=3, key=7, momentum_transfer=transfer,
-            nesterov=nesterov)
-  regenerated, _ = _run_momentum(
+            nesterov=nesterov, momentum_dtype=momentum_dtype)
+  regenerated, plain_states = _run_momentum(
       flora_jax.scale_by_flora_momentum(0.5, **kw), 8)
   stored, states = _run_momentum(
       flora_jax.scale_by_flora_momentum(0.5, store_projectors=True, **kw), 8)
   for t, (a, b) in enumerate(zip(regenerated, stored, strict=True)):
     for name in a:
       np.testing.assert_array_equal(a[name], b[name], err_msg=f'{name} {t}')
+      np.testing.assert_array_equal(plain_states[t + 1].momentum[name],
+                                    states[t + 1].momentum[name],
+                                    err_msg=f'momentum {name} {t}')
   # The state holds the window's projector, and only projected leaves have
   # one.
   plans = _small(4).plan(_params())
@@ -739,11 +743,11 @@ def test_stored_projector_states_are_refused_by_other_settings():
   plain = flora_jax.flora(1e-3, rank=4, min_dim=8)
   staggered = flora_jax.flora(1e-3, rank=4, min_dim=8, store_projectors=True,
                               refresh_schedule='staggered')
-  with pytest.raises(ValueError, match='store_projectors=True in the state'):
+  with pytest.raises(ValueError, match='made with store_projectors=True'):
     plain.update(_grads(0), stored.init(params), params)
   with pytest.raises(ValueError, match='refresh_schedule=staggered in the'):
     stored.update(_grads(0), staggered.init(params), params)
-  with pytest.raises(ValueError, match='store_projectors'):
+  with pytest.raises(ValueError, match='made with store_projectors=False'):
     stored.update(_grads(0), plain.init(params), params)
 
 
@@ -755,6 +759,8 @@ def test_stored_projector_states_are_refused_by_other_settings():
      'refresh_schedule'),
     (lambda: flora_jax.scale_by_flora_momentum(rule=4, store_projectors=1),
      TypeError, 'store_projectors'),
+    (lambda: flora_jax.flora(1e-3, b1=None, store_projectors=True),
+     ValueError, 'b1=None'),
 ])
 def test_bad_storage_arguments_are_refused_at_construction(make, error,
                                                            match):

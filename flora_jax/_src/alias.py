@@ -151,6 +151,13 @@ def flora(
           epsilon=eps,
       )
   ]
+  if b1 is None and (store_projectors
+                     or refresh_schedule != 'synchronous'):
+    raise ValueError(
+        'store_projectors and refresh_schedule are options of the'
+        ' compressed momentum, and b1=None has none: drop them, or give'
+        ' b1.'
+    )
   if b1 is not None:
     rule = ProjectionRule(
         rank, side, min_dim, max_aspect_ratio, projection_mask,

@@ -237,8 +237,9 @@ def scale_by_flora_momentum(
   projected leaf gets a phase in ``[0, kappa)``, hashed from its path and
   slice number, and is re-drawn when ``count > 0`` and
   ``(count - phase) % kappa == 0``: every ``kappa`` steps as before, but
-  a step re-draws about ``1/kappa`` of the slices instead of all of them.
-  A slice's first window is then shorter than ``kappa``, and its
+  a step re-draws ``1/kappa`` of the slices on average instead of all of
+  them (the phases are hashed, not balanced: a few may fall on one step).
+  A slice's first window is then at most ``kappa`` steps, and its
   projectors are drawn from the key with the step count instead of the
   window number.
 
@@ -335,25 +336,26 @@ def scale_by_flora_momentum(
     plans = rule.plan(updates)
     jax.tree.map(lambda plan, c: validation.check_state_shape(
         plan, c, 'a momentum'), plans, state.momentum)
+    _check_state_kind(state, store_projectors)
     settings.check(state.settings, plans, **recorded,
                    **keys.stacked_draws_setting(plans))
     if store_projectors:
       _check_stored(state, plans)
-      current, momentum, move = _resample_stored(
+      current, momentum, pending_moves = _resample_stored(
           plans, state, kappa, staggered, momentum_transfer, sketch)
     else:
-      current, momentum, move = _resample_regenerated(
+      current, momentum, pending_moves = _resample_regenerated(
           plans, state, kappa, momentum_transfer, sketch)
 
-    def update_leaf(plan, u, c, q, move):
+    def update_leaf(plan, u, c, q, pending_move):
       out, c_new = _momentum_step(
           plan, plan.to_matrix(u.astype(jnp.float32)), c, q, b1, nesterov,
-          move)
+          pending_move)
       return (plan.from_matrix(out, u).astype(u.dtype),
               c_new.astype(momentum_dtype))
 
     results = jax.tree.map(update_leaf, plans, updates, momentum, current,
-                           move)
+                           pending_moves)
     new_updates, new_momentum = tree_util.unzip_leaves(plans, results, 2)
     count = compat.safe_increment(state.count)
     if store_projectors:
@@ -381,6 +383,22 @@ def _check_storage(store_projectors, refresh_schedule) -> bool:
   return True
 
 
+def _check_state_kind(state, store_projectors: bool) -> None:
+  """Raises if the state does (not) hold projectors, unlike this transform."""
+  stored = isinstance(state, FloraStoredMomentumState)
+  if stored == store_projectors:
+    return
+  have, want = ('holds', 'regenerates') if stored else ('has no', 'stores')
+  raise ValueError(
+      f'The state {have} stored projectors, but this'
+      f' scale_by_flora_momentum {want} them: it was made with'
+      f' store_projectors={stored}, this transform has'
+      f' store_projectors={store_projectors}. Restore it into a transform'
+      ' configured as it was saved (the momentum is only meaningful with'
+      ' the projectors it was compressed with).'
+  )
+
+
 def _masked_elsewhere(plans, tree):
   """``tree``'s projected leaves, `optax.MaskedNode` for the others."""
   return jax.tree.map(
@@ -403,8 +421,9 @@ def _check_stored(state, plans) -> None:
 def _resample_regenerated(plans, state, kappa, transfer, sketch):
   """This step's projectors, drawn afresh, and each leaf's momentum move.
 
-  Returns ``(projectors, momentum, moves)``: the momentum as stored, and per
-  leaf a function moving it into the new subspace when this step resamples.
+  Returns ``(projectors, momentum, pending_moves)``: the momentum as
+  stored, and per leaf a function moving it into the new subspace when this
+  step resamples (applied in `_momentum_step`).
   """
   index = state.count // kappa
   resampled = (state.count > 0) & (state.count % kappa == 0)
@@ -414,7 +433,7 @@ def _resample_regenerated(plans, state, kappa, transfer, sketch):
   transitions = _transitions(plans, previous_keys, stacks, resampled,
                              transfer, sketch)
 
-  def move(plan, transition):
+  def move_at_resample(plan, transition):
     if not plan.projected:
       return None
 
@@ -425,7 +444,7 @@ def _resample_regenerated(plans, state, kappa, transfer, sketch):
 
     return lambda c: compat.cond(resampled, moved, lambda c: c, c)
 
-  moves = jax.tree.map(move, plans, transitions,
+  moves = jax.tree.map(move_at_resample, plans, transitions,
                        is_leaf=lambda x: x is None)
   return projectors.unstack(plans, stacks), state.momentum, moves
 
@@ -437,8 +456,9 @@ def _resample_stored(plans, state, kappa, staggered, transfer, sketch):
   leaves (one generator per projector shape), each leaf's move in a branch
   of its own (so that its result reads that leaf alone, as
   `flora_jax.fused_train_step` needs); under the staggered schedule only
-  the due slices. Returns ``(projectors, momentum, moves)`` as
-  `_resample_regenerated` does, the moves already made (None).
+  the due slices. Returns ``(projectors, momentum, pending_moves)`` as
+  `_resample_regenerated` does, the momentum already moved (float32) and
+  no move pending (None).
   """
   due = _due_slices(plans, state.count, kappa, staggered)
   any_due = jnp.any(jnp.stack([jnp.any(d) for d in jax.tree.leaves(due)]
@@ -463,17 +483,24 @@ def _resample_stored(plans, state, kappa, staggered, transfer, sketch):
   def leaf(plan, q_old, q, c, take):
     if not plan.projected:
       return q_old, c
-    move = functools.partial(_move, side=plan.side, transfer=transfer)
+    move = functools.partial(_moved_momentum, side=plan.side,
+                             transfer=transfer)
+    each_slice_on_its_own = staggered and bool(take.shape)
 
+    # Both branches give the momentum in float32, as the default's move
+    # (`_momentum_step`): rounded to momentum_dtype only once, at the end.
     def redrawn(q_old, q, c):
-      q = compat.laid_out_like(q, q_old)
-      if not (staggered and take.shape):  # every slice is due
+      q, c = compat.laid_out_like(q, q_old), c.astype(jnp.float32)
+      if not each_slice_on_its_own:  # every slice is due
         return q, compat.each_matrix(move, q_old, q, c)
       return (jnp.where(take[..., None, None], q, q_old),
               _each_slice_where(take, move, q_old, q, c))
 
-    return compat.cond(jnp.any(take), redrawn, lambda q_old, q, c: (q_old, c),
-                       q_old, q, c)
+    def kept(q_old, q, c):
+      del q
+      return q_old, c.astype(jnp.float32)
+
+    return compat.cond(jnp.any(take), redrawn, kept, q_old, q, c)
 
   results = jax.tree.map(leaf, plans, state.projectors, drawn,
                          state.momentum, due)
@@ -494,14 +521,13 @@ def _due_slices(plans, count, kappa, staggered: bool):
   return jax.tree.map(due, plans)
 
 
-def _move(q_old, q, c, *, side, transfer: MomentumTransfer):
-  """One momentum matrix into the subspace of ``q``, see the transfers."""
+def _moved_momentum(q_old, q, c, *, side, transfer: MomentumTransfer):
+  """A float32 momentum moved into the subspace of ``q`` (the transfers)."""
   if transfer == 'reset':
     return jnp.zeros_like(c)
   change = projectors.basis_change_matrix(
       q_old, q, least_squares=transfer == 'least_squares')
-  return projectors.apply_basis_change(
-      change, c.astype(jnp.float32), side).astype(c.dtype)
+  return projectors.apply_basis_change(change, c, side)
 
 
 def _draw_where(rows, due_rows, sketch):

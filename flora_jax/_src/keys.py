@@ -205,15 +205,18 @@ def resample_phases(path: str, batch_shape: tuple[int, ...],
   layer = _LAYER.get() if batch_shape else None
   if layer is None and isinstance(period, (int, np.integer)):
     # Constants of the compiled program: no hashing in it.
-    slices = np.arange(math.prod(batch_shape), dtype=np.uint32)
-    h = _mix(np.uint32(path_id(path)) ^ _mix(slices + np.uint32(0x9E3779B9)))
-    return jnp.asarray((h % np.uint32(period)).astype(np.int32).reshape(
-        batch_shape))
+    h = _slice_hash(path, np.arange(math.prod(batch_shape), dtype=np.uint32))
+    return jnp.asarray(
+        (h % np.uint32(period)).astype(np.int32).reshape(batch_shape))
   slices = (slice_numbers(batch_shape).astype(jnp.uint32) if batch_shape
             else jnp.zeros([1], jnp.uint32))
-  h = _mix(np.uint32(path_id(path)) ^ _mix(slices + np.uint32(0x9E3779B9)))
-  phases = h % jnp.asarray(period).astype(jnp.uint32)
+  phases = _slice_hash(path, slices) % jnp.asarray(period).astype(jnp.uint32)
   return phases.astype(jnp.int32).reshape(batch_shape)
+
+
+def _slice_hash(path: str, slices: _Bits) -> _Bits:
+  """32 hashed bits per slice number, from it and the leaf's path."""
+  return _mix(np.uint32(path_id(path)) ^ _mix(slices + np.uint32(0x9E3779B9)))
 
 
 # ------------------------------------------------ hashed random numbers
