@@ -340,7 +340,6 @@ def scale_by_flora_momentum(
     settings.check(state.settings, plans, **recorded,
                    **keys.stacked_draws_setting(plans))
     if store_projectors:
-      _check_stored(state, plans)
       current, momentum, pending_moves = _resample_stored(
           plans, state, kappa, staggered, momentum_transfer, sketch)
     else:
@@ -404,18 +403,6 @@ def _masked_elsewhere(plans, tree):
   return jax.tree.map(
       lambda plan, x: x if plan.projected else optax.MaskedNode(),
       plans, tree, is_leaf=lambda x: x is None)
-
-
-def _check_stored(state, plans) -> None:
-  """Raises if the stored projectors are not shaped as ``plans`` need."""
-  def check(plan, q):
-    if plan.projected and q.shape != plan.projector_shape:
-      raise ValueError(
-          f'The stored projector of leaf {plan.path} has shape {q.shape};'
-          f' expected {plan.projector_shape}. The state was made for other'
-          ' parameters.'
-      )
-  jax.tree.map(check, plans, state.projectors)
 
 
 def _resample_regenerated(plans, state, kappa, transfer, sketch):
