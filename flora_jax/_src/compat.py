@@ -166,6 +166,26 @@ def each_matrix(
   return jax.lax.platform_dependent(*arrays, cpu=one_at_a_time, default=fn)
 
 
+def each_slice_where(
+    take: jax.Array, fn: Callable[..., jax.Array], *arrays: jax.Array
+) -> jax.Array:
+  """``fn`` on each stacked slice where ``take``; ``arrays[-1]`` elsewhere.
+
+  ``take`` has the stack's batch shape, the leading axes of every array.
+  One branch per slice (`jax.lax.map` of `cond`), so a step that changes
+  one slice of an ``(L, ...)`` stack computes ``fn`` once, not ``L`` times
+  (where `cond` selects instead of branching, on every slice).
+  """
+  def keep(*slices):
+    return slices[-1]
+
+  batch = take.shape
+  flat = [x.reshape((-1,) + x.shape[len(batch):]) for x in arrays]
+  out = jax.lax.map(lambda xs: cond(xs[0], fn, keep, *xs[1:]),
+                    (take.reshape(-1), *flat))
+  return out.reshape(arrays[-1].shape)
+
+
 def read_layer(stack: jax.Array, index: jax.Array) -> jax.Array:
   """Slice ``index`` of a stacked leaf, read inside a loop over its layers.
 

@@ -481,7 +481,7 @@ def _resample_stored(plans, state, kappa, staggered, transfer, sketch):
       if not each_slice_on_its_own:  # every slice is due
         return q, compat.each_matrix(move, q_old, q, c)
       return (jnp.where(take[..., None, None], q, q_old),
-              _each_slice_where(take, move, q_old, q, c))
+              compat.each_slice_where(take, move, q_old, q, c))
 
     def kept(q_old, q, c):
       del q
@@ -528,22 +528,6 @@ def _draw_where(rows, due_rows, sketch):
   return {shape: jax.lax.map(lambda x, shape=shape: draw(shape, x),
                              (rows[shape], due_rows[shape]))
           for shape in rows}
-
-
-def _each_slice_where(take, fn, *arrays):
-  """``fn`` on each stacked slice where ``take``; ``arrays[-1]`` elsewhere.
-
-  One branch per slice (`jax.lax.map` of `jax.lax.cond`), so a step that
-  moves one slice of an ``(L, ...)`` stack computes one.
-  """
-  def keep(*slices):
-    return slices[-1]
-
-  batch = take.shape
-  flat = [x.reshape((-1,) + x.shape[len(batch):]) for x in arrays]
-  out = jax.lax.map(lambda xs: compat.cond(xs[0], fn, keep, *xs[1:]),
-                    (take.reshape(-1), *flat))
-  return out.reshape(arrays[-1].shape)
 
 
 def _transitions(

@@ -130,19 +130,9 @@ def fit_where(
   Returns:
     The projectors, ``q_old``'s shape: new where ``take``, else ``q_old``.
   """
-  batch = q_old.shape[:-2]
-
-  def flat(x):
-    return x.reshape((-1,) + x.shape[len(batch):])
-
-  def one(args):
-    g, q, take, key = args
-    return compat.cond(take, lambda: compat.laid_out_like(fit_one(g, key), q),
-                       lambda: q)
-
-  out = jax.lax.map(one, (flat(g), flat(q_old), take.reshape(-1),
-                          keys.reshape(-1)))
-  return out.reshape(q_old.shape)
+  return compat.each_slice_where(
+      take, lambda g, key, q: compat.laid_out_like(fit_one(g, key), q),
+      g, keys, q_old)
 
 
 def mesh_axes() -> tuple[str, ...]:
